@@ -1,0 +1,116 @@
+"""Composition helpers: the run context (ranks, groups, device) and the components built from config.
+
+The trainer calls these; each returns a ready object and keeps no state of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import BatchSizes, TridentConfig
+from engine.data.tokenizer import Tokenizer
+from engine.errors import ConfigError
+from engine.model.transformer import Transformer
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class RunContext:
+    """Who this process is and how it talks to the others. ``groups`` is None for a single process."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    groups: object | None = None
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+
+    @classmethod
+    def single(cls, device: torch.device) -> RunContext:
+        return cls(rank=0, world_size=1, device=device)
+
+    def dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.groups is None or self.dp_size == 1:
+            return value
+        from engine.dist import collectives
+
+        value = value.clone()
+        collectives.all_reduce(value, group=self.groups.dp)
+        return value
+
+    def barrier(self) -> None:
+        if self.groups is not None:
+            from engine.dist import collectives
+
+            collectives.barrier(group=self.groups.world)
+
+
+def pick_device(cfg: TridentConfig, local_rank: int = 0) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: \"cuda\" requested but CUDA is not available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def use_kernels(cfg: TridentConfig, device: torch.device) -> bool:
+    return cfg.model.kernels if cfg.model.kernels is not None else device.type == "cuda"
+
+
+def build_model(cfg: TridentConfig, ctx: RunContext) -> Transformer:
+    """The (full, tp=1, pp=1 unless groups say otherwise) model in fp32 on ``ctx.device``."""
+    groups = ctx.groups
+    tp_group = getattr(groups, "tp", None) if groups is not None else None
+    model = Transformer(cfg.model, seed=cfg.train.seed, tp_group=tp_group,
+                        sequence_parallel=cfg.parallel.sequence_parallel,
+                        use_kernels=use_kernels(cfg, ctx.device))
+    return model.to(ctx.device)
+
+
+def load_tokenizer(cfg: TridentConfig) -> Tokenizer | None:
+    """The configured tokenizer, else the one prepare copied beside the first dataset, else None."""
+    path = cfg.data.tokenizer
+    if path is None and cfg.data.datasets:
+        from engine.data.shards import TOKENIZER_SUFFIX
+
+        beside = cfg.data.datasets[0].prefix + TOKENIZER_SUFFIX
+        path = beside if os.path.isfile(beside) else None
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.tokenizer: {path} not found")
+    return Tokenizer.load(path)
+
+
+def build_datasets(cfg: TridentConfig, ctx: RunContext, batch: BatchSizes, tokenizer: Tokenizer | None):
+    """(train, valid) datasets sized for the whole run; rank 0 builds cached indices, others map them."""
+    from engine.data.dataset import SyntheticDataset, build_datasets as build
+
+    seq = cfg.model.seq_len
+    if cfg.data.synthetic:
+        return SyntheticDataset(cfg.model.vocab_size, seq, cfg.data.seed), None
+    n_train = batch.global_batch * cfg.train.max_steps
+    evals = cfg.train.max_steps // cfg.train.eval_interval if cfg.train.eval_interval else 0
+    n_valid = batch.global_batch * cfg.train.eval_iters if evals or cfg.train.eval_interval else 0
+    kwargs = dict(
+        prefixes=[d.prefix for d in cfg.data.datasets], weights=[d.weight for d in cfg.data.datasets],
+        seq_len=seq, seed=cfg.data.seed, num_train_samples=n_train, num_valid_samples=n_valid,
+        valid_fraction=cfg.data.valid_fraction,
+        valid_prefixes=[d.prefix for d in cfg.data.valid_datasets] or None,
+        valid_weights=[d.weight for d in cfg.data.valid_datasets] or None,
+        cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size,
+        tokenizer_sha256=tokenizer.sha256 if (tokenizer is not None and cfg.data.tokenizer) else None)
+    if ctx.rank == 0:
+        result = build(**kwargs, build_index=True)
+    ctx.barrier()
+    if ctx.rank != 0:
+        result = build(**kwargs, build_index=False)
+    return result

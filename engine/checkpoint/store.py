@@ -1,0 +1,168 @@
+"""Atomic sharded checkpoints.
+
+Layout under ``save_dir``::
+
+    step_00000100/manifest.json      written last: step, format version, layout, per-shard SHA-256
+    step_00000100/rank_00000.pt      one shard per rank: every component's state_dict()
+    latest                           text file naming the newest complete step directory
+
+A save writes into ``.tmp_step_00000100``; every rank writes and fsyncs its shard and a ``.sha256``
+sidecar, all ranks meet at a barrier, then rank 0 writes the manifest (tmp + fsync + rename), renames the
+directory into place, fsyncs ``save_dir`` and replaces ``latest`` by atomic rename. A crash at any point
+leaves either the previous checkpoint or the new complete one. A directory without a manifest is never
+loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+
+import torch
+
+from engine.errors import CheckpointError, NoCheckpointError
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(path) or ".")
+
+
+def save_checkpoint(save_dir: str, step: int, state: dict, *, rank: int, world_size: int, layout: dict,
+                    keep_last: int, barrier: Callable[[], None] = lambda: None) -> str:
+    """Write this rank's ``state``; returns the final directory. All ranks must call it."""
+    name = step_dir_name(step)
+    final = os.path.join(save_dir, name)
+    tmp = os.path.join(save_dir, f".tmp_{name}")
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    shard = os.path.join(tmp, f"rank_{rank:05d}.pt")
+    with open(shard, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _write_atomic_text(shard + ".sha256", _sha256(shard))
+    barrier()
+    if rank == 0:
+        shards = {}
+        for r in range(world_size):
+            fname = f"rank_{r:05d}.pt"
+            with open(os.path.join(tmp, fname + ".sha256"), encoding="utf-8") as fh:
+                shards[fname] = fh.read().strip()
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size,
+                    "layout": layout, "shards": shards}
+        _write_atomic_text(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True))
+        if os.path.exists(final):  # a stale copy of the same step (e.g. after a rollback) is replaced
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_path(save_dir)
+        _write_atomic_text(os.path.join(save_dir, "latest"), name + "\n")
+        _prune(save_dir, keep_last)
+    barrier()
+    return final
+
+
+def _complete_steps(save_dir: str) -> list[int]:
+    if not os.path.isdir(save_dir):
+        return []
+    steps = []
+    for entry in os.listdir(save_dir):
+        m = STEP_DIR.match(entry)
+        if m and os.path.isfile(os.path.join(save_dir, entry, "manifest.json")):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def _prune(save_dir: str, keep_last: int) -> None:
+    for step in _complete_steps(save_dir)[:-keep_last]:
+        shutil.rmtree(os.path.join(save_dir, step_dir_name(step)), ignore_errors=True)
+
+
+def has_checkpoint(save_dir: str | None) -> bool:
+    return bool(save_dir) and bool(_complete_steps(save_dir))
+
+
+def read_manifest(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}/manifest.json: unreadable ({err})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}/manifest.json: format_version {manifest.get('format_version')} is not "
+                              f"{FORMAT_VERSION}")
+    return manifest
+
+
+def latest_checkpoint(save_dir: str, *, warn: Callable[[str], None] = lambda msg: None) -> str:
+    """Newest complete checkpoint directory whose shards verify; falls back to older ones with a warning."""
+    candidates = _complete_steps(save_dir)
+    if not candidates:
+        raise NoCheckpointError(f"{save_dir}: no complete checkpoint to resume from",
+                                hint="drop --resume / train.resume to start from scratch")
+    for step in reversed(candidates):
+        path = os.path.join(save_dir, step_dir_name(step))
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warn(f"skipping checkpoint {path}: {problem}")
+    raise NoCheckpointError(f"{save_dir}: every checkpoint failed verification")
+
+
+def verify_checkpoint(path: str) -> str | None:
+    """None if every shard named in the manifest exists with its SHA-256, else the first problem."""
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as err:
+        return str(err)
+    for fname, digest in sorted(manifest["shards"].items()):
+        shard = os.path.join(path, fname)
+        if not os.path.isfile(shard):
+            return f"{shard} is missing"
+        if _sha256(shard) != digest:
+            return f"{shard} fails its SHA-256 check (corrupt or truncated)"
+    return None
+
+
+def load_shard(path: str, rank: int) -> dict:
+    shard = os.path.join(path, f"rank_{rank:05d}.pt")
+    try:
+        with open(shard, "rb") as fh:
+            return torch.load(fh, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{shard}: missing (checkpoint saved with another layout?)") from None

@@ -1,0 +1,122 @@
+"""The optimizer wrapper: fp32 master weights and gradient accumulation over flat buffers,
+loss-scale unscaling with overflow skip, global-norm clipping and AdamW, then copy-back to the
+compute-dtype model (DeepSpeed's FP16/BF16 optimizer, Micikevicius et al. 2018).
+
+Communication is delegated to a ``GradSync`` (see engine/optim/grad_sync.py): it reduces gradients
+across data-parallel ranks and sums squared norms / overflow flags across model-parallel ranks. The
+ZeRO optimizer (engine/zero) shards these same flat buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.config import OptimizerConfig
+from engine.optim.adamw import adamw_update
+from engine.optim.flat import FlatGroup
+from engine.optim.grad_sync import GradSync, LocalGradSync
+from engine.optim.param_groups import split_decay
+
+
+@dataclass
+class StepResult:
+    skipped: bool
+    grad_norm: float  # of the unscaled, unclipped gradients; inf/nan on overflow
+    clip_coef: float
+
+
+class MixedPrecisionOptimizer:
+    def __init__(self, model: nn.Module, opt_cfg: OptimizerConfig, *, clip: float, decay_embeddings: bool,
+                 use_kernels: bool = False, grad_sync: GradSync | None = None) -> None:
+        self.cfg = opt_cfg
+        self.clip = clip
+        self.use_kernels = use_kernels
+        self.sync = grad_sync or LocalGradSync()
+        decay, no_decay = split_decay(list(model.named_parameters()), decay_embeddings=decay_embeddings)
+        wd = opt_cfg.params.weight_decay
+        self.groups = [g for g in (FlatGroup(decay, weight_decay=wd), FlatGroup(no_decay, weight_decay=0.0))
+                       if g.numel]
+        self.fp32_params = all(p.dtype == torch.float32 for g in self.groups for _, p in g.named_params)
+        for g in self.groups:
+            if self.fp32_params:
+                g.alias_params_to_master()
+            g.exp_avg = torch.zeros_like(g.master)
+            g.exp_avg_sq = torch.zeros_like(g.master)
+            g.norm_ranges = self.sync.norm_ranges(g)
+        self.applied_steps = 0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(view))
+                       for g in self.groups for p, view in g.views(g.grad)]
+
+    @staticmethod
+    def _make_hook(grad_view: torch.Tensor):
+        # Accumulate into the fp32 flat buffer as soon as autograd has this parameter's gradient,
+        # then drop the compute-dtype gradient: accumulation across micro-batches happens in fp32.
+        def hook(p: torch.Tensor) -> None:
+            grad_view.add_(p.grad)
+            p.grad = None
+
+        return hook
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            g.grad.zero_()
+
+    def _grad_sq_sum(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=self.groups[0].grad.device)
+        for g in self.groups:
+            for start, end in g.norm_ranges:
+                seg = g.grad[start:end]
+                total += torch.dot(seg, seg)
+        return total
+
+    def step(self, *, lr: float, loss_scale: float) -> StepResult:
+        """Reduce, unscale, check, clip, update. Leaves gradients zeroed."""
+        self.sync.reduce_gradients(self.groups)
+        sq = self.sync.sum_across_model_parallel(self._grad_sq_sum())
+        norm = math.sqrt(sq.item()) / loss_scale if math.isfinite(sq.item()) else float("inf")
+        if not math.isfinite(norm):
+            self.zero_grad()
+            return StepResult(skipped=True, grad_norm=float("nan") if math.isnan(sq.item()) else norm,
+                              clip_coef=1.0)
+        clip_coef = 1.0
+        if self.clip > 0.0:
+            # DeepSpeed / torch clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
+            clip_coef = min(1.0, self.clip / (norm + 1e-6))
+        p = self.cfg.params
+        self.applied_steps += 1
+        for g in self.groups:
+            adamw_update(g.master, g.grad, g.exp_avg, g.exp_avg_sq, lr=lr, beta1=p.betas[0], beta2=p.betas[1],
+                         eps=p.eps, weight_decay=g.weight_decay, step=self.applied_steps,
+                         decoupled=self.cfg.decoupled, bias_correction=p.bias_correction,
+                         grad_scale=clip_coef / loss_scale, use_kernel=self.use_kernels)
+            if not self.fp32_params:
+                g.copy_master_to_params()
+        self.zero_grad()
+        return StepResult(skipped=False, grad_norm=norm, clip_coef=clip_coef)
+
+    def state_dict(self) -> dict:
+        return {
+            "applied_steps": self.applied_steps,
+            "groups": [{"names": [n for n, _ in g.named_params], "master": g.master.clone(),
+                        "exp_avg": g.exp_avg.clone(), "exp_avg_sq": g.exp_avg_sq.clone()} for g in self.groups],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        from engine.errors import CheckpointError
+
+        if len(state["groups"]) != len(self.groups):
+            raise CheckpointError("optimizer state has a different number of parameter groups")
+        for g, s in zip(self.groups, state["groups"]):
+            names = [n for n, _ in g.named_params]
+            if s["names"] != names:
+                bad = next((a for a, b in zip(names, s["names"]) if a != b), names[len(s["names"]):][:1])
+                raise CheckpointError(f"optimizer state does not match the model at parameter {bad}")
+            g.master.copy_(s["master"])
+            g.exp_avg.copy_(s["exp_avg"])
+            g.exp_avg_sq.copy_(s["exp_avg_sq"])
+            g.copy_master_to_params()
+        self.applied_steps = int(state["applied_steps"])
