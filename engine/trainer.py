@@ -95,7 +95,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "skipped": self.skipped, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "loader": {"consumed_samples": self.loader.consumed_samples}, "rng": capture_rng_state(),
+                "loader": self.loader.state_dict(), "rng": capture_rng_state(),
                 "config": config_to_dict(self.cfg)}
 
     def save(self) -> str:
@@ -115,7 +115,7 @@ class Trainer:
         load_model_state(self.model, state["model"], path=path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.loader.consumed_samples = int(state["loader"]["consumed_samples"])
+        self.loader.load_state_dict(state["loader"])
         restore_rng_state(state["rng"])
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
         self.log.info(f"resumed from {path} at step {self.step}")
@@ -209,6 +209,7 @@ class Trainer:
             bar.close()
         if cfg.train.save_dir and not (cfg.train.save_interval and self.step % cfg.train.save_interval == 0):
             self.save()
+        self.loader.close()
         final = self.evaluate()
         self.metrics.close()
         return {"step": self.step, "loss": self.history[-1]["loss"] if self.history else None,

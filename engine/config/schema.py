@@ -62,11 +62,18 @@ def _describe(value: Any) -> str:
 
 def convert(tp: Any, value: Any, path: str, refusals: Refusals) -> Any:
     """Convert a JSON value to ``tp`` or raise a ConfigError naming ``path``."""
-    if isinstance(value, str) and value == "auto" and tp is not str:
-        raise ConfigError(
-            f"{path}: \"auto\" needs a value",
-            hint="'auto' is filled in by the Hugging Face Trainer integration; Trident needs the number itself",
-        )
+    try:
+        return _convert(tp, value, path, refusals)
+    except ConfigError:
+        if value == "auto":
+            raise ConfigError(
+                f"{path}: \"auto\" needs a value",
+                hint="'auto' is filled in by the Hugging Face Trainer integration; Trident needs the number itself",
+            ) from None
+        raise
+
+
+def _convert(tp: Any, value: Any, path: str, refusals: Refusals) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

@@ -1,0 +1,115 @@
+"""``python -m engine.plan --config C [--world-size N] [--tokens T] [--mfu M] [--peak-tflops P]``
+
+Back-of-the-envelope sizing of a run: parameters, FLOPs, the Chinchilla-optimal token count,
+model-state memory per device for each ZeRO stage, activation memory and time at a given MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from engine.errors import ConfigError, cli_main
+
+
+def zero_model_state_bytes(params_per_device: float, stage: int, dp: int) -> float:
+    """Mixed-precision Adam model states (Rajbhandari et al. 2019): 2 (16-bit params) + 2 (16-bit grads)
+    + 12 (fp32 master, momentum, variance) bytes per parameter; stage 1 shards the 12, stage 2 also
+    the gradients, stage 3 also the parameters, each across the dp data-parallel ranks."""
+    p = params_per_device
+    return {0: 16 * p, 1: 4 * p + 12 * p / dp, 2: 2 * p + 14 * p / dp, 3: 16 * p / dp}[stage]
+
+
+def activation_bytes_per_layer(*, seq: int, micro_batch: int, hidden: int, heads: int, tp: int,
+                               sequence_parallel: bool, recompute: str) -> float:
+    """16-bit activation memory of one transformer layer (Korthikanti et al. 2022, table 2)."""
+    sbh = seq * micro_batch * hidden
+    if recompute == "full":
+        return 2.0 * sbh / (tp if sequence_parallel else 1)  # only the layer input is kept
+    attn_core = 0.0 if recompute == "selective" else 5.0 * heads * seq / hidden
+    if sequence_parallel:
+        return sbh * (34.0 + attn_core) / tp
+    return sbh * (10.0 + (24.0 + attn_core) / tp)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def plan(cfg, *, world_size: int, tokens: float | None, mfu: float, peak_tflops: float | None) -> list[str]:
+    from engine.config import resolve_batch
+    from engine.metrics.flops import PEAK_TFLOPS, flops_per_token
+    from engine.model.transformer import count_parameters
+
+    m, par = cfg.model, cfg.parallel
+    tp, pp = par.tensor, par.pipeline
+    if world_size % (tp * pp):
+        raise ConfigError(f"--world-size: {world_size} is not divisible by tensor {tp} x pipeline {pp}")
+    dp = world_size // (tp * pp)
+    batch = resolve_batch(cfg, dp)
+    counts = count_parameters(m)
+    n = counts["total"]
+    fpt = flops_per_token(m)
+    tokens = tokens if tokens is not None else float(cfg.train.max_steps * batch.global_batch * m.seq_len)
+    total_flops = fpt * tokens
+    peak = peak_tflops or PEAK_TFLOPS["H100"][cfg.dtype_name if cfg.dtype_name != "fp32" else "bf16"]
+    seconds = total_flops / (world_size * peak * 1e12 * mfu)
+    per_device = n / (tp * pp)
+    lines = [
+        f"model            {m.arch}, {m.n_layers} layers x d_model {m.d_model}, {m.n_heads} heads, seq {m.seq_len}, "
+        f"vocab {m.vocab_size}",
+        f"parameters       {_fmt_count(n)} total ({_fmt_count(counts['non_embedding'])} non-embedding)",
+        f"layout           world {world_size} = dp {dp} x tp {tp} x pp {pp}; global batch {batch.global_batch} = "
+        f"micro {batch.micro_batch} x accumulation {batch.grad_accum} x dp {dp}",
+        f"flops/token      {fpt:.4g} (6N + 12*L*d*S; see engine/metrics/flops.py)",
+        f"tokens           {_fmt_count(tokens)}; chinchilla-optimal ~20N = {_fmt_count(20 * n)}",
+        f"training flops   {total_flops:.4g} (6*N*D = {6 * n * tokens:.4g})",
+        f"time             {seconds / 3600:.2f} h on {world_size} devices at {mfu:.0%} MFU of {peak:g} TFLOP/s "
+        f"= {seconds * world_size / 3600:.1f} device-hours",
+        "model-state memory per device (2+2+12 bytes/param, mixed-precision Adam):",
+    ]
+    for stage in range(4):
+        mark = " <- configured" if stage == cfg.zero_optimization.stage else ""
+        lines.append(f"  ZeRO stage {stage}     {_fmt_bytes(zero_model_state_bytes(per_device, stage, dp))}{mark}")
+    layers_per_stage = -(-m.n_layers // pp)
+    act = activation_bytes_per_layer(seq=m.seq_len, micro_batch=batch.micro_batch, hidden=m.d_model,
+                                     heads=m.n_heads, tp=tp, sequence_parallel=par.sequence_parallel,
+                                     recompute=m.recompute)
+    in_flight = pp if pp > 1 else 1  # 1F1B keeps up to pp micro-batches of activations on the first stage
+    lines.append(f"activations      {_fmt_bytes(act)} per layer per micro-batch; ~{_fmt_bytes(act * layers_per_stage * in_flight)} "
+                 f"per device ({layers_per_stage} layers x {in_flight} in flight, recompute={m.recompute})")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.plan", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--world-size", type=int, default=None, help="devices (default: tensor x pipeline)")
+    p.add_argument("--tokens", type=float, default=None, help="training tokens (default: from max_steps)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (0-1)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: H100 dense)")
+    args = p.parse_args(argv)
+    from engine.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu: {args.mfu} must be in (0, 1]")
+    world = args.world_size or cfg.parallel.tensor * cfg.parallel.pipeline
+    print("\n".join(plan(cfg, world_size=world, tokens=args.tokens, mfu=args.mfu, peak_tflops=args.peak_tflops)))
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main)
