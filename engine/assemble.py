@@ -30,6 +30,7 @@ class RunContext:
     dp_size: int = 1
     tp_rank: int = 0
     pp_rank: int = 0
+    counter: object | None = None  # CommCounter of the collectives layer, read and reset each step
 
     @classmethod
     def single(cls, device: torch.device) -> RunContext:
@@ -92,7 +93,8 @@ def load_tokenizer(cfg: TridentConfig) -> Tokenizer | None:
 
 def build_datasets(cfg: TridentConfig, ctx: RunContext, batch: BatchSizes, tokenizer: Tokenizer | None):
     """(train, valid) datasets sized for the whole run; rank 0 builds cached indices, others map them."""
-    from engine.data.dataset import SyntheticDataset, build_datasets as build
+    from engine.data.dataset import SyntheticDataset
+    from engine.data.dataset import build_datasets as build
 
     seq = cfg.model.seq_len
     if cfg.data.synthetic:

@@ -87,8 +87,9 @@ def plan(cfg, *, world_size: int, tokens: float | None, mfu: float, peak_tflops:
                                      heads=m.n_heads, tp=tp, sequence_parallel=par.sequence_parallel,
                                      recompute=m.recompute)
     in_flight = pp if pp > 1 else 1  # 1F1B keeps up to pp micro-batches of activations on the first stage
-    lines.append(f"activations      {_fmt_bytes(act)} per layer per micro-batch; ~{_fmt_bytes(act * layers_per_stage * in_flight)} "
-                 f"per device ({layers_per_stage} layers x {in_flight} in flight, recompute={m.recompute})")
+    act_total = _fmt_bytes(act * layers_per_stage * in_flight)
+    lines.append(f"activations      {_fmt_bytes(act)} per layer per micro-batch; ~{act_total} per device"
+                 f" ({layers_per_stage} layers x {in_flight} in flight, recompute={m.recompute})")
     return lines
 
 

@@ -17,7 +17,14 @@ import time
 
 import torch
 
-from engine.assemble import COMPUTE_DTYPES, RunContext, build_datasets, build_model, load_tokenizer, use_kernels
+from engine.assemble import (
+    COMPUTE_DTYPES,
+    RunContext,
+    build_datasets,
+    build_model,
+    load_tokenizer,
+    use_kernels,
+)
 from engine.checkpoint import store
 from engine.checkpoint.rng import capture_rng_state, restore_rng_state, seed_everything
 from engine.config import TridentConfig, config_to_dict, resolve_batch
@@ -146,8 +153,12 @@ class Trainer:
         self.scaler.update(result.skipped)
         self.skipped += int(result.skipped)
         self.step += 1
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "loss_scale": scale,
-                "skipped": self.skipped, "tokens": int(n_tokens)}
+        rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "loss_scale": scale,
+               "skipped": self.skipped, "tokens": int(n_tokens)}
+        if self.ctx.counter is not None:
+            rec["comm_bytes"] = self.ctx.counter.snapshot()
+            self.ctx.counter.reset()
+        return rec
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:

@@ -71,10 +71,13 @@ class Transformer(nn.Module):
         ids = ids.t()  # (S, B)
         x = self.embed(ids)
         if self.cfg.pos == "learned":
-            pos = self.pos_embed[:S].unsqueeze(1)  # (S, 1, H)
             if self.sequence_parallel:
-                pos = mappings.scatter_to_sequence_region(pos, self.tp_group)
-            x = x + pos
+                # This rank's slice of positions; the replicated pos_embed's partial gradients are summed
+                # over the TP group with the other replicated parameters (DistGradSync).
+                chunk = S // self.tp_group.size
+                x = x + self.pos_embed[self.tp_group.rank * chunk:(self.tp_group.rank + 1) * chunk].unsqueeze(1)
+            else:
+                x = x + self.pos_embed[:S].unsqueeze(1)  # (S, 1, H) broadcast over the batch
         return F.dropout(x, self.cfg.dropout, self.training)
 
     def run_layers(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,3 +31,40 @@ class LocalGradSync:
 
     def sum_across_model_parallel(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+
+class DistGradSync:
+    """Gradients across processes, for the flat buffers of ``MixedPrecisionOptimizer``.
+
+    - TP-replicated parameters (norm weights, row-parallel biases, learned positions) hold the same
+      value on every TP rank. Without sequence parallelism their gradients are identical too; with it,
+      each rank saw only its slice of the sequence, so their gradients are summed over the TP group.
+    - Data parallelism sums the gradients over the DP group (the loss is already divided by the
+      global token count, so the sum is the global mean).
+    - The squared norm counts a replicated parameter on TP rank 0 only, then sums over tp x pp.
+    """
+
+    def __init__(self, groups, *, sequence_parallel: bool) -> None:
+        self.groups = groups
+        self.sequence_parallel = sequence_parallel and groups.tp.size > 1
+
+    def norm_ranges(self, group) -> list[tuple[int, int]]:
+        if self.groups.tp.rank == 0:
+            return [(0, group.numel)] if group.numel else []
+        return [(0, group.replicated_start)] if group.replicated_start else []
+
+    def reduce_gradients(self, groups) -> None:
+        from engine.dist import collectives
+
+        for g in groups:
+            if self.sequence_parallel and g.replicated_start < g.numel:
+                collectives.all_reduce(g.grad[g.replicated_start:g.numel], self.groups.tp)
+            if self.groups.dp.size > 1:
+                collectives.all_reduce(g.grad, self.groups.dp)
+
+    def sum_across_model_parallel(self, value: torch.Tensor) -> torch.Tensor:
+        from engine.dist import collectives
+
+        if self.groups.model_parallel.size > 1:
+            collectives.all_reduce(value, self.groups.model_parallel)
+        return value

@@ -2,9 +2,9 @@
 
 import pytest
 
+from engine.config import FP16Config
 from engine.errors import LossScaleCollapseError
 from engine.optim.loss_scaler import DynamicLossScaler, StaticLossScaler, build_loss_scaler
-from engine.config import FP16Config
 
 
 def run(seq: str, **kw) -> list[tuple[float, int]]:
