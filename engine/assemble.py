@@ -66,8 +66,13 @@ def use_kernels(cfg: TridentConfig, device: torch.device) -> bool:
     return cfg.model.kernels if cfg.model.kernels is not None else device.type == "cuda"
 
 
-def build_model(cfg: TridentConfig, ctx: RunContext) -> Transformer:
-    """The (full, tp=1, pp=1 unless groups say otherwise) model in fp32 on ``ctx.device``."""
+def build_model(cfg: TridentConfig, ctx: RunContext):
+    """This rank's part of the model in fp32 on ``ctx.device``: the whole model (TP-sharded when tp > 1),
+    or with pipeline parallelism the stage's chunk(s) (engine/pipeline/stage_model.py)."""
+    if cfg.parallel.pipeline > 1:
+        from engine.pipeline.stage_model import build_stage_model
+
+        return build_stage_model(cfg, ctx).to(ctx.device)
     groups = ctx.groups
     tp_group = getattr(groups, "tp", None) if groups is not None else None
     model = Transformer(cfg.model, seed=cfg.train.seed, tp_group=tp_group,
@@ -116,3 +121,27 @@ def build_datasets(cfg: TridentConfig, ctx: RunContext, batch: BatchSizes, token
     if ctx.rank != 0:
         result = build(**kwargs, build_index=False)
     return result
+
+
+def build_step_runner(cfg: TridentConfig, ctx: RunContext, model):
+    """Runs one step's micro-batches forward and backward: the pipeline executor when pp > 1."""
+    if cfg.parallel.pipeline > 1:
+        from engine.pipeline.executor import PipelineExecutor
+
+        return PipelineExecutor(cfg, ctx, model)
+    from engine.model.step import SingleStageRunner
+
+    return SingleStageRunner(model)
+
+
+def build_optimizer(cfg: TridentConfig, ctx: RunContext, model, grad_sync):
+    """Plain data parallelism (ZeRO stage 0) or the ZeRO optimizer over the same flat buffers."""
+    if cfg.zero_optimization.stage > 0:
+        from engine.zero import build_zero_optimizer
+
+        return build_zero_optimizer(cfg, ctx, model, grad_sync)
+    from engine.optim.mixed_precision import MixedPrecisionOptimizer
+
+    return MixedPrecisionOptimizer(model, cfg.optimizer, clip=cfg.gradient_clipping,
+                                   decay_embeddings=cfg.train.decay_embeddings,
+                                   use_kernels=use_kernels(cfg, ctx.device), grad_sync=grad_sync)

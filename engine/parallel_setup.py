@@ -35,7 +35,8 @@ def build_context(cfg: TridentConfig, *, rank: int, world_size: int, local_rank:
     coord = topo.coords(rank)
     ctx = RunContext(rank=rank, world_size=world_size, device=pick_device(cfg, local_rank), groups=groups,
                      dp_rank=coord.dp, dp_size=topo.dp, tp_rank=coord.tp, pp_rank=coord.pp, counter=counter)
-    return ctx, DistGradSync(groups, sequence_parallel=cfg.parallel.sequence_parallel)
+    return ctx, DistGradSync(groups, sequence_parallel=cfg.parallel.sequence_parallel,
+                            tied_embeddings=cfg.model.tie_embeddings)
 
 
 @contextlib.contextmanager

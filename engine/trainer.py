@@ -22,8 +22,9 @@ from engine.assemble import (
     RunContext,
     build_datasets,
     build_model,
+    build_optimizer,
+    build_step_runner,
     load_tokenizer,
-    use_kernels,
 )
 from engine.checkpoint import store
 from engine.checkpoint.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -36,7 +37,6 @@ from engine.metrics.writer import MetricsWriter, peak_memory_bytes
 from engine.model.transformer import IGNORE_INDEX
 from engine.optim.loss_scaler import build_loss_scaler
 from engine.optim.lr_schedules import LRSchedule
-from engine.optim.mixed_precision import MixedPrecisionOptimizer
 
 
 class Trainer:
@@ -47,11 +47,13 @@ class Trainer:
         self.batch = resolve_batch(cfg, ctx.dp_size)
         seed_everything(cfg.train.seed + 100 * ctx.pp_rank)
         self.model = build_model(cfg, ctx)
-        self.kernels = use_kernels(cfg, ctx.device)
+        if cfg.train.init_from_hf:
+            from engine.hf.load import init_from_hf
+
+            init_from_hf(self.model, cfg.train.init_from_hf, cfg)
+        self.runner = build_step_runner(cfg, ctx, self.model)
         # The optimizer copies fp32 masters from the fp32 init before the model is cast down.
-        self.optimizer = MixedPrecisionOptimizer(self.model, cfg.optimizer, clip=cfg.gradient_clipping,
-                                                 decay_embeddings=cfg.train.decay_embeddings,
-                                                 use_kernels=self.kernels, grad_sync=grad_sync)
+        self.optimizer = build_optimizer(cfg, ctx, self.model, grad_sync)
         self.model.to(COMPUTE_DTYPES[cfg.dtype_name])
         self.scaler = build_loss_scaler(cfg.fp16)
         self.schedule = LRSchedule(cfg.scheduler, base_lr=cfg.optimizer.params.lr)
@@ -142,11 +144,7 @@ class Trainer:
         n_local = sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)
         n_tokens = self.ctx.dp_sum(torch.tensor(float(n_local), device=self.ctx.device)).item()
         scale = self.scaler.scale
-        loss_total = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
-        for inputs, targets in batches:
-            loss_sum = self.model(inputs, targets)
-            (loss_sum * (scale / max(n_tokens, 1.0))).backward()
-            loss_total += loss_sum.detach().float()
+        loss_total = self.runner.forward_backward(batches, loss_scale=scale, n_tokens=n_tokens)
         loss = (self.ctx.dp_sum(loss_total) / max(n_tokens, 1.0)).item()
         lr = self.schedule.lr_for_update(self.optimizer.applied_steps)
         result = self.optimizer.step(lr=lr, loss_scale=scale)
@@ -172,9 +170,9 @@ class Trainer:
         for _ in range(self.cfg.train.eval_iters):
             if loader.consumed_samples + self.batch.global_batch > len(self.valid_ds):
                 break
-            for inputs, targets in (self._split(t) for t in loader.next_step()):
-                total[0] += self.model(inputs, targets).double()
-                total[1] += (targets != IGNORE_INDEX).sum()
+            batches = [self._split(t) for t in loader.next_step()]
+            total[0] += self.runner.forward_only(batches)
+            total[1] += sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)
         total = self.ctx.dp_sum(total)
         if total[1] == 0:
             return None

@@ -231,6 +231,7 @@ class TrainConfig:
     decay_embeddings: bool = field(False, doc="apply weight decay to embeddings too")
     progress: bool = field(True, doc="live progress bar on rank 0")
     device: Literal["auto", "cpu", "cuda"] = field("auto", doc="auto: cuda when available")
+    init_from_hf: str | None = field(None, doc="start from a local Hugging Face GPT-2/Llama checkpoint directory")
 
 
 @dataclass(frozen=True)

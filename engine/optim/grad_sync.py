@@ -39,19 +39,35 @@ class DistGradSync:
     - TP-replicated parameters (norm weights, row-parallel biases, learned positions) hold the same
       value on every TP rank. Without sequence parallelism their gradients are identical too; with it,
       each rank saw only its slice of the sequence, so their gradients are summed over the TP group.
+    - Tied embeddings under pipeline parallelism: the first stage's embedding and the last stage's
+      head copy are one logical parameter, so their gradients are summed over the embedding group
+      (first and last stage) and the norm counts the copy on the first stage only.
     - Data parallelism sums the gradients over the DP group (the loss is already divided by the
       global token count, so the sum is the global mean).
     - The squared norm counts a replicated parameter on TP rank 0 only, then sums over tp x pp.
     """
 
-    def __init__(self, groups, *, sequence_parallel: bool) -> None:
+    def __init__(self, groups, *, sequence_parallel: bool, tied_embeddings: bool = False) -> None:
         self.groups = groups
         self.sequence_parallel = sequence_parallel and groups.tp.size > 1
+        emb = groups.embedding
+        self.embedding_group = emb if (tied_embeddings and emb is not None and emb.size > 1) else None
+
+    @staticmethod
+    def _embedding_range(group) -> tuple[int, int] | None:
+        for (name, p), off in zip(group.named_params, group.offsets):
+            if name == "embed.weight" or name.endswith(".embed.weight"):
+                return off, off + p.numel()
+        return None
 
     def norm_ranges(self, group) -> list[tuple[int, int]]:
-        if self.groups.tp.rank == 0:
-            return [(0, group.numel)] if group.numel else []
-        return [(0, group.replicated_start)] if group.replicated_start else []
+        end = group.numel if self.groups.tp.rank == 0 else group.replicated_start
+        ranges = [(0, end)] if end else []
+        emb = self._embedding_range(group) if self.embedding_group is not None else None
+        if emb is not None and self.embedding_group.rank != 0:  # the last stage's copy: counted on the first
+            ranges = [r for start, stop in ranges
+                      for r in ((start, min(stop, emb[0])), (max(start, emb[1]), stop)) if r[0] < r[1]]
+        return ranges
 
     def reduce_gradients(self, groups) -> None:
         from engine.dist import collectives
@@ -59,6 +75,10 @@ class DistGradSync:
         for g in groups:
             if self.sequence_parallel and g.replicated_start < g.numel:
                 collectives.all_reduce(g.grad[g.replicated_start:g.numel], self.groups.tp)
+            if self.embedding_group is not None:
+                emb = self._embedding_range(g)
+                if emb is not None:
+                    collectives.all_reduce(g.grad[emb[0]:emb[1]], self.embedding_group)
             if self.groups.dp.size > 1:
                 collectives.all_reduce(g.grad, self.groups.dp)
 
