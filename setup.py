@@ -28,13 +28,13 @@ setup(
         "sentencepiece>=0.1.99",
         "triton>=3.0",
         "tqdm>=4.60",
+        "matplotlib>=3.5",
     ],
     extras_require={
         "dev": [
             "pytest>=7",
             "hypothesis>=6",
             "ruff>=0.4",
-            "matplotlib>=3.5",
             "tensorboard>=2.10",
             "deepspeed>=0.14",
             "transformers>=4.40",
