@@ -31,6 +31,7 @@ class RunContext:
     tp_rank: int = 0
     pp_rank: int = 0
     counter: object | None = None  # CommCounter of the collectives layer, read and reset each step
+    rng: object | None = None  # RNGTracker for dropout inside TP regions (tp > 1)
 
     @classmethod
     def single(cls, device: torch.device) -> RunContext:
@@ -77,7 +78,7 @@ def build_model(cfg: TridentConfig, ctx: RunContext):
     tp_group = getattr(groups, "tp", None) if groups is not None else None
     model = Transformer(cfg.model, seed=cfg.train.seed, tp_group=tp_group,
                         sequence_parallel=cfg.parallel.sequence_parallel,
-                        use_kernels=use_kernels(cfg, ctx.device))
+                        use_kernels=use_kernels(cfg, ctx.device), rng=ctx.rng)
     return model.to(ctx.device)
 
 
@@ -140,8 +141,12 @@ def build_optimizer(cfg: TridentConfig, ctx: RunContext, model, grad_sync):
         from engine.zero import build_zero_optimizer
 
         return build_zero_optimizer(cfg, ctx, model, grad_sync)
+    from engine.config import resolve_batch
     from engine.optim.mixed_precision import MixedPrecisionOptimizer
 
+    zero = cfg.zero_optimization
     return MixedPrecisionOptimizer(model, cfg.optimizer, clip=cfg.gradient_clipping,
                                    decay_embeddings=cfg.train.decay_embeddings,
-                                   use_kernels=use_kernels(cfg, ctx.device), grad_sync=grad_sync)
+                                   use_kernels=use_kernels(cfg, ctx.device), grad_sync=grad_sync,
+                                   reduce_bucket_size=zero.reduce_bucket_size, overlap_comm=zero.overlap_comm,
+                                   micro_batches=resolve_batch(cfg, ctx.dp_size).grad_accum)

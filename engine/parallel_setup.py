@@ -8,17 +8,13 @@ import torch
 
 from engine.assemble import RunContext, pick_device
 from engine.config import TridentConfig
-from engine.errors import ConfigError
 
 
 def check_supported(cfg: TridentConfig) -> None:
     """Refuse, by name, layouts whose implementation has not landed yet (never a wrong answer)."""
-    if cfg.parallel.pipeline > 1:
-        raise ConfigError(f"parallel.pipeline: {cfg.parallel.pipeline} stages are not supported yet "
-                          "(pipeline parallelism has not landed)", hint="set parallel.pipeline=1")
-    if cfg.zero_optimization.stage > 0:
-        raise ConfigError(f"zero_optimization.stage: stage {cfg.zero_optimization.stage} is not supported yet "
-                          "(ZeRO sharding has not landed)", hint="use stage 0 (plain data parallelism)")
+    from engine.zero import check_zero_layout
+
+    check_zero_layout(cfg)
 
 
 def build_context(cfg: TridentConfig, *, rank: int, world_size: int, local_rank: int = 0):
@@ -27,14 +23,18 @@ def build_context(cfg: TridentConfig, *, rank: int, world_size: int, local_rank:
     from engine.dist.groups import ProcessGroups
     from engine.dist.topology import Topology
     from engine.optim.grad_sync import DistGradSync
+    from engine.tensor_parallel.random import RNGTracker
 
     check_supported(cfg)
     topo = Topology(world_size, tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline)
     counter = CommCounter(("dp", "tp", "pp"))
     groups = ProcessGroups.build(topo, rank=rank, counter=counter)
     coord = topo.coords(rank)
-    ctx = RunContext(rank=rank, world_size=world_size, device=pick_device(cfg, local_rank), groups=groups,
-                     dp_rank=coord.dp, dp_size=topo.dp, tp_rank=coord.tp, pp_rank=coord.pp, counter=counter)
+    device = pick_device(cfg, local_rank)
+    rng = RNGTracker(cfg.train.seed, tp_rank=coord.tp, device=device) if topo.tp > 1 else None
+    ctx = RunContext(rank=rank, world_size=world_size, device=device, groups=groups,
+                     dp_rank=coord.dp, dp_size=topo.dp, tp_rank=coord.tp, pp_rank=coord.pp, counter=counter,
+                     rng=rng)
     return ctx, DistGradSync(groups, sequence_parallel=cfg.parallel.sequence_parallel,
                             tied_embeddings=cfg.model.tie_embeddings)
 

@@ -105,6 +105,7 @@ class Trainer:
         return {"step": self.step, "skipped": self.skipped, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "loader": self.loader.state_dict(), "rng": capture_rng_state(),
+                "tp_rng": self.ctx.rng.state_dict() if self.ctx.rng is not None else None,
                 "config": config_to_dict(self.cfg)}
 
     def save(self) -> str:
@@ -126,6 +127,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
         restore_rng_state(state["rng"])
+        if self.ctx.rng is not None and state.get("tp_rng") is not None:
+            self.ctx.rng.load_state_dict(state["tp_rng"])
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
         self.log.info(f"resumed from {path} at step {self.step}")
 

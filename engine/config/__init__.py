@@ -85,6 +85,10 @@ class TridentConfig:
                 f"parallel.pipeline: {self.parallel.pipeline} stages x {self.parallel.virtual_stages} virtual "
                 f"stages need at least that many layers, model.n_layers is {m.n_layers}")
         tp = self.parallel.tensor
+        if m.dropout > 0 and m.recompute != "none" and tp > 1:
+            raise ConfigError(f"model.recompute: \"{m.recompute}\" with model.dropout > 0 and parallel.tensor > 1 "
+                              "would replay different dropout masks in recomputation",
+                              hint="set model.dropout=0 (usual for pretraining) or model.recompute=\"none\"")
         if m.n_heads % tp or m.kv_heads % tp:
             raise ConfigError(f"parallel.tensor: {tp} must divide model.n_heads={m.n_heads} and "
                               f"n_kv_heads={m.kv_heads}")

@@ -6,6 +6,7 @@ contiguous slices). Shapes below use h = heads on this TP rank, hd = head dim.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -53,9 +54,11 @@ class Norm(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, *, layer: int, seed: int, group, sequence_parallel: bool,
-                 use_kernels: bool, selective_recompute: bool) -> None:
+                 use_kernels: bool, selective_recompute: bool, rng=None) -> None:
         super().__init__()
         tp = group_size(group)
+        # Attention probabilities of this rank's heads are a TP region: masks must differ across TP ranks.
+        self.rng = rng if tp > 1 else None
         self.cfg = cfg
         self.hd = cfg.head_dim
         self.h = cfg.n_heads // tp
@@ -81,8 +84,14 @@ class Attention(nn.Module):
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention over (B, h, S, hd) q and (B, kv, S, hd) k/v -> (B, h, S, hd)."""
         dropout = self.cfg.dropout if self.training else 0.0
+        if dropout > 0.0 and self.rng is not None:
+            with self.rng.fork():
+                return self._sdpa(q, k, v, dropout)
         if self.use_kernels and dropout == 0.0:
             return _kernels().attention(q, k, v, causal=True, alibi_slopes=self.alibi)
+        return self._sdpa(q, k, v, dropout)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
         if self.alibi is not None:
             bias = alibi_bias(self.alibi, q.shape[2], device=q.device).to(q.dtype)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
@@ -135,23 +144,35 @@ class MLP(nn.Module):
         return self.down(h)
 
 
+def sequence_region(rng, sequence_parallel: bool):
+    """Dropout on sequence-sharded activations is a TP region (each rank holds other tokens)."""
+    return rng.fork() if (rng is not None and sequence_parallel) else contextlib.nullcontext()
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, *, layer: int, seed: int, group, sequence_parallel: bool,
-                 use_kernels: bool) -> None:
+                 use_kernels: bool, rng=None) -> None:
         super().__init__()
         self.recompute_full = cfg.recompute == "full"
         self.ln1 = Norm(cfg, use_kernels=use_kernels)
         self.attn = Attention(cfg, layer=layer, seed=seed, group=group, sequence_parallel=sequence_parallel,
-                              use_kernels=use_kernels, selective_recompute=cfg.recompute == "selective")
+                              use_kernels=use_kernels, selective_recompute=cfg.recompute == "selective", rng=rng)
         self.ln2 = Norm(cfg, use_kernels=use_kernels)
         self.mlp = MLP(cfg, layer=layer, seed=seed, group=group, sequence_parallel=sequence_parallel)
         self.dropout = cfg.dropout
+        self.rng, self.sequence_parallel = rng, sequence_parallel
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.dropout > 0.0):
+            return x
+        with sequence_region(self.rng, self.sequence_parallel):
+            return F.dropout(x, self.dropout, True)
 
     def _forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + F.dropout(self.attn(self.ln1(x), rope), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.ln2(x)), self.dropout, self.training)
+        x = x + self._drop(self.attn(self.ln1(x), rope))
+        return x + self._drop(self.mlp(self.ln2(x)))
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         if self.recompute_full and self.training:

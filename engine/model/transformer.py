@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.model.layers import Block, Norm
+from engine.model.layers import Block, Norm, sequence_region
 from engine.model.positions import rope_tables
 from engine.tensor_parallel import mappings
 from engine.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -29,7 +29,7 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, *, seed: int, tp_group=None, sequence_parallel: bool = False,
                  use_kernels: bool = False, first: bool = True, last: bool = True,
-                 layer_ids: list[int] | None = None) -> None:
+                 layer_ids: list[int] | None = None, rng=None) -> None:
         super().__init__()
         self.cfg = cfg
         self.tp_group = tp_group
@@ -49,8 +49,9 @@ class Transformer(nn.Module):
                                                       name="pos_embed.weight"))
             self.pos_embed.tp_replicated, self.pos_embed.tp_dim, self.pos_embed.tp_sizes = True, None, None
         self.layers = nn.ModuleList(
-            Block(cfg, layer=i, seed=seed, group=tp_group, sequence_parallel=sp, use_kernels=use_kernels)
+            Block(cfg, layer=i, seed=seed, group=tp_group, sequence_parallel=sp, use_kernels=use_kernels, rng=rng)
             for i in self.layer_ids)
+        self.rng = rng
         if last:
             self.final_norm = Norm(cfg, use_kernels=use_kernels)
             if not cfg.tie_embeddings:
@@ -78,7 +79,10 @@ class Transformer(nn.Module):
                 x = x + self.pos_embed[self.tp_group.rank * chunk:(self.tp_group.rank + 1) * chunk].unsqueeze(1)
             else:
                 x = x + self.pos_embed[:S].unsqueeze(1)  # (S, 1, H) broadcast over the batch
-        return F.dropout(x, self.cfg.dropout, self.training)
+        if not (self.training and self.cfg.dropout > 0.0):
+            return x
+        with sequence_region(self.rng, self.sequence_parallel):
+            return F.dropout(x, self.cfg.dropout, True)
 
     def run_layers(self, x: torch.Tensor) -> torch.Tensor:
         rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None

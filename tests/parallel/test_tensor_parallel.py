@@ -4,7 +4,7 @@ within 1e-5 relative, gathered gradients within 1e-5, and TP traffic equal to th
 import pytest
 import torch
 
-from tests.core.helpers import make_config, run_losses
+from tests.core.helpers import make_config, make_trainer
 from tests.multiproc import run_ranks
 
 STEPS = 20
@@ -54,6 +54,7 @@ def _tp_worker(rank, world, args):
         trainer.fit()
         out[(arch, sp, vocab)] = {"loss0": loss.item(), "grads": grads if rank == 0 else None,
                                   "losses": [r["loss"] for r in trainer.history],
+                                  "grad_norms": [r["grad_norm"] for r in trainer.history],
                                   "tp_bytes": [r["comm_bytes"]["tp"] for r in trainer.history]}
     return out
 
@@ -66,7 +67,10 @@ def _reference(tmp_path, arch, sp, vocab, kv):
     tokens = torch.randint(0, vocab, (2, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(0))
     loss = model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
-    return loss.item(), {n: p.grad for n, p in model.named_parameters()}, run_losses(cfg)
+    trainer = make_trainer(cfg)
+    trainer.fit()
+    history = [(r["loss"], r["grad_norm"]) for r in trainer.history]
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}, history
 
 
 def tp_bytes_per_step(cfg, *, tp_sequence_parallel: bool, micro: int, accum: int, replicated_numel: int) -> int:
@@ -95,8 +99,11 @@ def test_tensor_parallel_matches_single_device(tmp_path, tp):
             got = results[r][key]
             assert got["loss0"] == pytest.approx(ref_loss, rel=1e-5)
             assert len(got["losses"]) == STEPS
-            for a, b in zip(got["losses"], ref_losses):
+            for a, (b, _) in zip(got["losses"], ref_losses):
                 assert abs(a - b) <= 1e-5 * abs(b), (key, r, got["losses"], ref_losses)
+            # The global norm counts replicated parameters once (clipping at 1.0 is active early on).
+            for a, (_, b) in zip(got["grad_norms"], ref_losses):
+                assert abs(a - b) <= 1e-5 * abs(b), (key, r, got["grad_norms"], ref_losses)
         grads = results[0][key]["grads"]
         assert set(grads) == set(ref_grads)
         for name, ref in ref_grads.items():
@@ -108,3 +115,55 @@ def test_tensor_parallel_matches_single_device(tmp_path, tp):
                                            "final_norm.bias", "out.bias", "down.bias")) or name == "pos_embed")
         expected = tp_bytes_per_step(cfg, tp_sequence_parallel=sp, micro=2, accum=4, replicated_numel=replicated)
         assert results[0][key]["tp_bytes"] == [expected] * STEPS, key
+
+
+def _tp_resume_and_rng_worker(rank, world, args):
+    import pathlib
+
+    from engine.dist import collectives
+    from engine.log import RankLogger
+    from engine.parallel_setup import build_context
+    from engine.tensor_parallel.random import RNGTracker
+    from engine.trainer import Trainer
+
+    out = {}
+    # RNG streams: equal outside TP regions, different inside, and the default stream is not disturbed.
+    torch.manual_seed(123)
+    tracker = RNGTracker(42, tp_rank=rank, device=torch.device("cpu"))
+    before = torch.rand(4)
+    with tracker.fork():
+        inside = torch.rand(4)
+    after = torch.rand(4)
+    out["rng"] = (before, inside, after)
+
+    tmp = pathlib.Path(args["tmp"])
+    train = {"max_steps": 6, "log_interval": 1, "progress": False, "save_interval": 3}
+
+    def trainer(name, steps, resume=None):
+        cfg = make_config(tmp / f"{name}{rank}", parallel={"tensor": world, "sequence_parallel": True},
+                          model={"dropout": 0.1},
+                          train={**train, "max_steps": steps, "save_dir": str(tmp / name)})
+        ctx, sync = build_context(cfg, rank=rank, world_size=world)
+        return Trainer(cfg, ctx, log=RankLogger(rank, world), grad_sync=sync, resume=resume)
+
+    straight = trainer("straight", 6)
+    straight.fit()
+    trainer("split", 3).fit()
+    resumed = trainer("split", 6, resume=True)
+    resumed.fit()
+    out["straight"] = [(r["loss"], r["grad_norm"]) for r in straight.history]
+    out["resumed"] = [(r["loss"], r["grad_norm"]) for r in resumed.history]
+    out["params_equal"] = all(torch.equal(a, b) for a, b in zip(straight.model.parameters(),
+                                                                resumed.model.parameters()))
+    collectives.barrier(resumed.ctx.groups.world)
+    return out
+
+
+def test_tp_dropout_streams_and_bit_exact_resume(tmp_path):
+    results = run_ranks(_tp_resume_and_rng_worker, 2, args={"tmp": str(tmp_path)}, timeout_s=600)
+    (b0, i0, a0), (b1, i1, a1) = results[0]["rng"], results[1]["rng"]
+    assert torch.equal(b0, b1) and torch.equal(a0, a1)  # replicated regions: same masks on every TP rank
+    assert not torch.equal(i0, i1)  # inside TP regions: different masks per rank
+    for r in range(2):
+        assert results[r]["resumed"] == results[r]["straight"][3:]  # dropout on, sequence parallel: still ==
+        assert results[r]["params_equal"]
