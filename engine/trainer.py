@@ -37,6 +37,7 @@ from engine.metrics.writer import MetricsWriter, peak_memory_bytes
 from engine.model.transformer import IGNORE_INDEX
 from engine.optim.loss_scaler import build_loss_scaler
 from engine.optim.lr_schedules import LRSchedule
+from engine.rollback import RollbackGuard
 
 
 class Trainer:
@@ -55,7 +56,8 @@ class Trainer:
         # The optimizer copies fp32 masters from the fp32 init before the model is cast down.
         self.optimizer = build_optimizer(cfg, ctx, self.model, grad_sync)
         self.model.to(COMPUTE_DTYPES[cfg.dtype_name])
-        self.scaler = build_loss_scaler(cfg.fp16)
+        self.guard = RollbackGuard(cfg)
+        self.scaler = build_loss_scaler(cfg.fp16, raise_at_floor=not self.guard.handles_scale_collapse)
         self.schedule = LRSchedule(cfg.scheduler, base_lr=cfg.optimizer.params.lr)
         self.tokenizer = load_tokenizer(cfg)
         self.pad_id = self.tokenizer.pad_id if self.tokenizer is not None and self.tokenizer.pad_id >= 0 else None
@@ -106,6 +108,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "loader": self.loader.state_dict(), "rng": capture_rng_state(),
                 "tp_rng": self.ctx.rng.state_dict() if self.ctx.rng is not None else None,
+                "resilience": self.guard.state_dict(),
                 "config": config_to_dict(self.cfg)}
 
     def save(self) -> str:
@@ -129,6 +132,7 @@ class Trainer:
         restore_rng_state(state["rng"])
         if self.ctx.rng is not None and state.get("tp_rng") is not None:
             self.ctx.rng.load_state_dict(state["tp_rng"])
+        self.guard.load_state_dict(state["resilience"])
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
         self.log.info(f"resumed from {path} at step {self.step}")
 
@@ -149,13 +153,13 @@ class Trainer:
         scale = self.scaler.scale
         loss_total = self.runner.forward_backward(batches, loss_scale=scale, n_tokens=n_tokens)
         loss = (self.ctx.dp_sum(loss_total) / max(n_tokens, 1.0)).item()
-        lr = self.schedule.lr_for_update(self.optimizer.applied_steps)
+        lr = self.schedule.lr_for_update(self.optimizer.applied_steps) * self.guard.lr_scale
         result = self.optimizer.step(lr=lr, loss_scale=scale)
         self.scaler.update(result.skipped)
         self.skipped += int(result.skipped)
         self.step += 1
         rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "loss_scale": scale,
-               "skipped": self.skipped, "tokens": int(n_tokens)}
+               "skipped": self.skipped, "skipped_now": result.skipped, "tokens": int(n_tokens)}
         if self.ctx.counter is not None:
             rec["comm_bytes"] = self.ctx.counter.snapshot()
             self.ctx.counter.reset()
@@ -194,6 +198,9 @@ class Trainer:
         while self.step < max_steps:
             rec = self.train_step()
             steps_since += 1
+            if self.guard.check(self, rec):
+                t_last, steps_since = time.perf_counter(), 0
+                continue
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                 last_eval = self.evaluate()
             if self.step % interval == 0 or self.step == max_steps:

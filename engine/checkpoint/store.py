@@ -129,9 +129,11 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def latest_checkpoint(save_dir: str, *, warn: Callable[[str], None] = lambda msg: None) -> str:
-    """Newest complete checkpoint directory whose shards verify; falls back to older ones with a warning."""
-    candidates = _complete_steps(save_dir)
+def latest_checkpoint(save_dir: str, *, warn: Callable[[str], None] = lambda msg: None,
+                      before_step: int | None = None) -> str:
+    """Newest complete checkpoint directory whose shards verify (optionally saved before ``before_step``);
+    falls back to older ones with a warning."""
+    candidates = [s for s in _complete_steps(save_dir) if before_step is None or s < before_step]
     if not candidates:
         raise NoCheckpointError(f"{save_dir}: no complete checkpoint to resume from",
                                 hint="drop --resume / train.resume to start from scratch")

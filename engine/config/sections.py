@@ -235,8 +235,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class RollbackConfig:
+    """Automatic recovery from loss spikes, NaNs and fp16 loss-scale collapse (OPT-175B / PaLM practice):
+    restore the last good checkpoint, scale the LR down, and skip the offending window of batches."""
+
+    enabled: bool = field(False, doc="roll back automatically (needs train.save_dir and periodic saves)")
+    on_nan: bool = field(True, doc="trigger on a NaN/Inf loss or gradient norm")
+    spike_factor: float = field(0.0, doc="trigger when loss > spike_factor x its moving average (0: off)", min=0.0)
+    spike_window: int = field(20, doc="steps in the loss moving average", min=1)
+    spike_patience: int = field(1, doc="consecutive spiking steps before triggering", min=1)
+    scale_floor_steps: int = field(0, doc="trigger after this many overflowing steps at the fp16 scale floor "
+                                          "(0: stop with an error instead)", min=0)
+    lr_factor: float = field(0.5, doc="multiply the learning rate by this at each rollback", gt=0.0, max=1.0)
+    max_rollbacks: int = field(5, doc="give up (error) after this many rollbacks", min=1)
+
+
+@dataclass(frozen=True)
 class ResilienceConfig:
     collective_timeout_s: float = field(600.0, doc="process-group timeout in seconds", gt=0.0)
+    rollback: RollbackConfig = field(doc="automatic rollback on loss spikes / NaNs", factory=RollbackConfig)
 
 
 def replace(obj, **changes):

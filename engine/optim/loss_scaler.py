@@ -83,8 +83,9 @@ class DynamicLossScaler:
         self.last_overflow_iter = int(state["last_overflow_iter"])
 
 
-def build_loss_scaler(fp16_cfg) -> StaticLossScaler | DynamicLossScaler:
-    """From the ``fp16`` section; bf16/fp32 get a static scale of 1."""
+def build_loss_scaler(fp16_cfg, *, raise_at_floor: bool = True) -> StaticLossScaler | DynamicLossScaler:
+    """From the ``fp16`` section; bf16/fp32 get a static scale of 1. ``raise_at_floor=False`` when the
+    rollback guard handles a collapsed scale instead of stopping the run."""
     if not fp16_cfg.enabled:
         return StaticLossScaler(1.0)
     if fp16_cfg.loss_scale > 0:
@@ -92,4 +93,4 @@ def build_loss_scaler(fp16_cfg) -> StaticLossScaler | DynamicLossScaler:
     return DynamicLossScaler(initial_scale_power=fp16_cfg.initial_scale_power,
                              scale_window=fp16_cfg.loss_scale_window, hysteresis=fp16_cfg.hysteresis,
                              consecutive_hysteresis=fp16_cfg.consecutive_hysteresis,
-                             min_scale=fp16_cfg.min_loss_scale)
+                             min_scale=fp16_cfg.min_loss_scale, raise_error_at_min_scale=raise_at_floor)
