@@ -20,6 +20,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="DeepSpeed-style JSON config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (value parsed as JSON, else string); repeatable")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak TFLOP/s for MFU (default: from the device table; none on CPU)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
@@ -32,7 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine.config import load_config
     from engine.runner import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.peak_tflops is not None:
+        overrides.append(f"train.peak_tflops={args.peak_tflops}")
+    cfg = load_config(args.config, overrides)
     summary = run_training(cfg, resume=True if args.resume else None, fresh=args.fresh,
                            local_rank=args.local_rank)
     if summary.get("rank", 0) == 0:
