@@ -12,12 +12,34 @@ from collections.abc import Sequence
 from engine.errors import ConfigError, cli_main
 
 
-def zero_model_state_bytes(params_per_device: float, stage: int, dp: int) -> float:
-    """Mixed-precision Adam model states (Rajbhandari et al. 2019): 2 (16-bit params) + 2 (16-bit grads)
-    + 12 (fp32 master, momentum, variance) bytes per parameter; stage 1 shards the 12, stage 2 also
-    the gradients, stage 3 also the parameters, each across the dp data-parallel ranks."""
+def zero_model_state_breakdown(params_per_device: float, stage: int, dp: int, *, param_bytes: int = 2,
+                               grad_bytes: int = 4) -> dict[str, float]:
+    """Model-state bytes per device as Trident holds them (Rajbhandari et al. 2019, with Trident's fp32
+    gradients): parameters in the compute dtype (``param_bytes``), fp32 gradients, and 12 bytes of
+    optimizer state (fp32 master, momentum, variance). Stage 1 shards the optimizer states across the dp
+    ranks, stage 2 also the gradients, stage 3 also the parameters. In fp32 stage 0 the parameters are the
+    masters, so the optimizer adds only the two moments. ``engine.zero``'s ``model_state_bytes()`` reports
+    the same numbers (with ``params_per_device`` padded to a multiple of dp per bucket)."""
     p = params_per_device
-    return {0: 16 * p, 1: 4 * p + 12 * p / dp, 2: 2 * p + 14 * p / dp, 3: 16 * p / dp}[stage]
+    optimizer = 8 * p if (stage == 0 and param_bytes == 4) else 12 * p
+    return {"params": param_bytes * p / (dp if stage == 3 else 1),
+            "grads": grad_bytes * p / (dp if stage >= 2 else 1),
+            "optimizer": optimizer / (dp if stage >= 1 else 1)}
+
+
+def zero_model_state_bytes(params_per_device: float, stage: int, dp: int, *, param_bytes: int = 2,
+                           grad_bytes: int = 4) -> float:
+    """Total of :func:`zero_model_state_breakdown`."""
+    return sum(zero_model_state_breakdown(params_per_device, stage, dp, param_bytes=param_bytes,
+                                          grad_bytes=grad_bytes).values())
+
+
+def zero_comm_elements_per_step(params_per_device: float, stage: int, *, micro_batches: int = 1) -> float:
+    """Data-parallel elements moved per rank per step (all-reduce = reduce-scatter + all-gather): 2 Psi for
+    stages 0-1; stage 2 reduce-scatters every micro-batch; stage 3 also gathers every layer twice per
+    micro-batch (3 Psi per micro-batch, a little less since the embeddings are gathered once)."""
+    p, a = params_per_device, micro_batches
+    return {0: 2 * p, 1: 2 * p, 2: (a + 1) * p, 3: 3 * a * p}[stage]
 
 
 def activation_bytes_per_layer(*, seq: int, micro_batch: int, hidden: int, heads: int, tp: int,
@@ -66,6 +88,7 @@ def plan(cfg, *, world_size: int, tokens: float | None, mfu: float, peak_tflops:
     peak = peak_tflops or PEAK_TFLOPS["H100"][cfg.dtype_name if cfg.dtype_name != "fp32" else "bf16"]
     seconds = total_flops / (world_size * peak * 1e12 * mfu)
     per_device = n / (tp * pp)
+    pbytes = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.dtype_name]
     lines = [
         f"model            {m.arch}, {m.n_layers} layers x d_model {m.d_model}, {m.n_heads} heads, seq {m.seq_len}, "
         f"vocab {m.vocab_size}",
@@ -77,11 +100,16 @@ def plan(cfg, *, world_size: int, tokens: float | None, mfu: float, peak_tflops:
         f"training flops   {total_flops:.4g} (6*N*D = {6 * n * tokens:.4g})",
         f"time             {seconds / 3600:.2f} h on {world_size} devices at {mfu:.0%} MFU of {peak:g} TFLOP/s "
         f"= {seconds * world_size / 3600:.1f} device-hours",
-        "model-state memory per device (2+2+12 bytes/param, mixed-precision Adam):",
+        f"model-state memory per device ({pbytes} bytes params + 4 fp32 grads + 12 Adam states per param; "
+        f"ZeRO over dp={dp}) and DP traffic per step:",
     ]
     for stage in range(4):
         mark = " <- configured" if stage == cfg.zero_optimization.stage else ""
-        lines.append(f"  ZeRO stage {stage}     {_fmt_bytes(zero_model_state_bytes(per_device, stage, dp))}{mark}")
+        parts = zero_model_state_breakdown(per_device, stage, dp, param_bytes=pbytes)
+        comm = zero_comm_elements_per_step(per_device, stage, micro_batches=batch.grad_accum) if dp > 1 else 0
+        lines.append(f"  ZeRO stage {stage}     {_fmt_bytes(sum(parts.values()))} (params "
+                     f"{_fmt_bytes(parts['params'])}, grads {_fmt_bytes(parts['grads'])}, optimizer "
+                     f"{_fmt_bytes(parts['optimizer'])}); DP comm ~{_fmt_count(comm)} elements{mark}")
     layers_per_stage = -(-m.n_layers // pp)
     act = activation_bytes_per_layer(seq=m.seq_len, micro_batch=batch.micro_batch, hidden=m.d_model,
                                      heads=m.n_heads, tp=tp, sequence_parallel=par.sequence_parallel,

@@ -285,12 +285,21 @@ def init_process_group(
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = None
+    if init_method is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Under torchrun the agent hosts the store and keeps it across restarts (--max-restarts). Its keys
+        # from the previous attempt would point gloo at dead peers ("connectFullMesh failed ... Connection
+        # refused"), so each attempt gets its own key prefix.
+        agent = dist.TCPStore(info.master_addr, info.master_port, info.world_size, False, timeout=timeout)
+        store = dist.PrefixStore(f"trident/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
     dist.init_process_group(
         backend=backend,
-        init_method=init_method or f"tcp://{info.master_addr}:{info.master_port}",
+        init_method=None if store is not None else (init_method or f"tcp://{info.master_addr}:{info.master_port}"),
+        store=store,
         rank=info.rank,
         world_size=info.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     return backend
 

@@ -31,7 +31,8 @@ class StepResult:
 
 class MixedPrecisionOptimizer:
     def __init__(self, model: nn.Module, opt_cfg: OptimizerConfig, *, clip: float, decay_embeddings: bool,
-                 use_kernels: bool = False, grad_sync: GradSync | None = None) -> None:
+                 use_kernels: bool = False, grad_sync: GradSync | None = None, reduce_bucket_size: int = 500_000_000,
+                 overlap_comm: bool = False, micro_batches: int = 1) -> None:
         self.cfg = opt_cfg
         self.clip = clip
         self.use_kernels = use_kernels
@@ -40,26 +41,43 @@ class MixedPrecisionOptimizer:
         wd = opt_cfg.params.weight_decay
         self.groups = [g for g in (FlatGroup(decay, weight_decay=wd), FlatGroup(no_decay, weight_decay=0.0))
                        if g.numel]
-        self.fp32_params = all(p.dtype == torch.float32 for g in self.groups for _, p in g.named_params)
         for g in self.groups:
-            if self.fp32_params:
-                g.alias_params_to_master()
+            # Aliased while the model is fp32; the trainer's later cast to bf16/fp16 gives the parameters
+            # their own storage, and copy_master_to_params then copies (it skips aliased views).
+            g.alias_params_to_master()
             g.exp_avg = torch.zeros_like(g.master)
             g.exp_avg_sq = torch.zeros_like(g.master)
             g.norm_ranges = self.sync.norm_ranges(g)
         self.applied_steps = 0
+        dp_group = getattr(self.sync, "dp_group", None)
+        self.dp_reduce = None
+        if dp_group is not None:
+            from engine.optim.grad_sync import OverlappedDPReduce
+
+            self.dp_reduce = OverlappedDPReduce(self.groups, dp_group, bucket_size=reduce_bucket_size,
+                                                micro_batches=micro_batches, overlap=overlap_comm)
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(view))
                        for g in self.groups for p, view in g.views(g.grad)]
 
-    @staticmethod
-    def _make_hook(grad_view: torch.Tensor):
+    def _make_hook(self, grad_view: torch.Tensor):
         # Accumulate into the fp32 flat buffer as soon as autograd has this parameter's gradient,
         # then drop the compute-dtype gradient: accumulation across micro-batches happens in fp32.
         def hook(p: torch.Tensor) -> None:
             grad_view.add_(p.grad)
             p.grad = None
+            if self.dp_reduce is not None:
+                self.dp_reduce.on_grad(p)
 
         return hook
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """This rank's model states: parameters (the masters when aliased), fp32 gradients, Adam moments
+        (+ masters when the parameters have their own compute-dtype storage)."""
+        params = sum(p.numel() * p.element_size() for g in self.groups for _, p in g.named_params)
+        aliased = all(p.data_ptr() == v.data_ptr() for g in self.groups for p, v in g.views(g.master))
+        master = 0 if aliased else sum(g.master.numel() * 4 for g in self.groups)
+        return {"params": params, "grads": sum(g.grad.numel() * 4 for g in self.groups),
+                "optimizer": master + sum(8 * g.master.numel() for g in self.groups)}
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -75,7 +93,9 @@ class MixedPrecisionOptimizer:
 
     def step(self, *, lr: float, loss_scale: float) -> StepResult:
         """Reduce, unscale, check, clip, update. Leaves gradients zeroed."""
-        self.sync.reduce_gradients(self.groups)
+        if self.dp_reduce is not None:
+            self.dp_reduce.finish()
+        self.sync.reduce_gradients(self.groups, data_parallel=self.dp_reduce is None)
         sq = self.sync.sum_across_model_parallel(self._grad_sq_sum())
         norm = math.sqrt(sq.item()) / loss_scale if math.isfinite(sq.item()) else float("inf")
         if not math.isfinite(norm):
@@ -93,8 +113,7 @@ class MixedPrecisionOptimizer:
                          eps=p.eps, weight_decay=g.weight_decay, step=self.applied_steps,
                          decoupled=self.cfg.decoupled, bias_correction=p.bias_correction,
                          grad_scale=clip_coef / loss_scale, use_kernel=self.use_kernels)
-            if not self.fp32_params:
-                g.copy_master_to_params()
+            g.copy_master_to_params()
         self.zero_grad()
         return StepResult(skipped=False, grad_norm=norm, clip_coef=clip_coef)
 

@@ -1,0 +1,77 @@
+"""Builds the ZeRO optimizer for a model from the config: buckets, reducer and (stage 3) gatherer."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from engine.errors import ConfigError
+from engine.optim.param_groups import split_decay
+from engine.zero.buckets import build_buckets
+from engine.zero.optimizer import ZeroOptimizer
+
+ALL_IN_ONE = 1 << 62  # stage-3 buckets are whole units (one all-gather per layer and decay class)
+
+
+def check_zero_layout(cfg) -> None:
+    """Refuse, by name, the compositions not proven equal to the single-device run (never a wrong answer)."""
+    stage = cfg.zero_optimization.stage
+    if stage > 0 and cfg.parallel.pipeline > 1:
+        raise ConfigError(f"zero_optimization.stage: ZeRO stage {stage} with parallel.pipeline="
+                          f"{cfg.parallel.pipeline} is not supported yet (not tested with the pipeline executor)",
+                          hint="use zero_optimization.stage=0 with pipeline parallelism")
+
+
+def _units(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """Unit 0: parameters outside ``model.layers``; unit i: the parameters of block i-1."""
+    blocks = list(getattr(model, "layers", []))
+    unit_of = {id(p): i for i, block in enumerate(blocks, start=1) for p in block.parameters()}
+    units: list[list] = [[] for _ in range(len(blocks) + 1)]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            units[unit_of.get(id(p), 0)].append((name, p))
+    return units
+
+
+def build_zero_optimizer(cfg, ctx, model: nn.Module, grad_sync) -> ZeroOptimizer:
+    from engine.assemble import use_kernels
+    from engine.config import resolve_batch
+    from engine.dist.collectives import Group
+    from engine.optim.grad_sync import LocalGradSync
+
+    check_zero_layout(cfg)
+    zero = cfg.zero_optimization
+    stage = zero.stage
+    sync = grad_sync or LocalGradSync()
+    dp = ctx.groups.dp if ctx.groups is not None else Group.single("dp", ctx.rank, ctx.counter)
+    wd = cfg.optimizer.params.weight_decay
+    emb = getattr(sync, "embedding_group", None)
+    isolate = tuple(n for n, _ in model.named_parameters() if emb is not None and n.endswith("embed.weight"))
+    common = dict(dp_size=dp.size, dp_rank=dp.rank, full_grad=stage == 1, isolate=isolate)
+    buckets, units = [], []
+    if stage < 3:
+        decay, no_decay = split_decay(list(model.named_parameters()), decay_embeddings=cfg.train.decay_embeddings)
+        for params, w in ((decay, wd), (no_decay, 0.0)):
+            if params:
+                buckets += build_buckets(params, weight_decay=w, bucket_size=zero.reduce_bucket_size, **common)
+    else:
+        threshold = zero.stage3_param_persistence_threshold
+        for i, named in enumerate(_units(model)):
+            decay, no_decay = split_decay(named, decay_embeddings=cfg.train.decay_embeddings)
+            unit = []
+            for params, w in ((decay, wd), (no_decay, 0.0)):
+                for persistent in (False, True):
+                    chosen = [(n, p) for n, p in params if (p.numel() < threshold) == persistent]
+                    if chosen:
+                        unit += build_buckets(chosen, weight_decay=w, bucket_size=ALL_IN_ONE, unit=i,
+                                              partitioned=not persistent, **common)
+            units.append(unit)
+            buckets += unit
+    gatherer = None
+    if stage == 3:
+        from engine.zero.stage3 import ParamGatherer
+
+        gatherer = ParamGatherer(model, units, dp, prefetch_numel=zero.stage3_prefetch_bucket_size)
+    return ZeroOptimizer(buckets, cfg.optimizer, stage=stage, clip=cfg.gradient_clipping, grad_sync=sync,
+                         dp_group=dp, micro_batches=resolve_batch(cfg, ctx.dp_size).grad_accum,
+                         overlap_comm=zero.overlap_comm, use_kernels=use_kernels(cfg, ctx.device),
+                         gatherer=gatherer)

@@ -1,0 +1,141 @@
+"""The ZeRO optimizer (Rajbhandari et al. 2019), stages 1-3, over sharded flat buckets.
+
+One step: wait for the bucket reduce-scatters (engine/zero/reducer.py) -> sum replicated/tied parts over
+TP / the embedding group -> the squared gradient norm of this rank's shards, summed over DP (disjoint
+shards) and TP x PP (replicas counted once, DistGradSync.norm_ranges) -> skip on inf/nan, identically on
+every rank since all see the same sum -> clip -> AdamW on the fp32 master shards -> the new compute-dtype
+parameters: all-gathered into the model's buffers (stages 1-2, persistent stage-3 buckets) or kept as
+this rank's shard (stage 3, gathered by engine/zero/stage3.py when a layer runs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.dist import collectives
+from engine.optim.adamw import adamw_update
+from engine.optim.mixed_precision import StepResult
+from engine.zero.buckets import ShardedBucket
+from engine.zero.reducer import BucketReducer
+
+
+class ZeroOptimizer:
+    def __init__(self, buckets: list[ShardedBucket], opt_cfg, *, stage: int, clip: float, grad_sync, dp_group,
+                 micro_batches: int, overlap_comm: bool, use_kernels: bool = False, gatherer=None) -> None:
+        self.buckets = buckets
+        self.cfg = opt_cfg
+        self.stage = stage
+        self.clip = clip
+        self.sync = grad_sync
+        self.dp_group = dp_group
+        self.use_kernels = use_kernels
+        self.gatherer = gatherer
+        self.applied_steps = 0
+        for b in buckets:
+            b.norm_segments = b.to_shard_ranges(grad_sync.norm_ranges(b))
+            if getattr(grad_sync, "sequence_parallel", False) and b.replicated_start < b.numel:
+                segs = b.to_shard_ranges([(b.replicated_start, b.numel)])
+                b.tp_sum_segment = segs[0] if segs else None
+            emb = getattr(grad_sync, "embedding_group", None)
+            b.is_embedding = emb is not None and grad_sync._embedding_range(b) is not None
+        done = gatherer.on_bucket_reduced if gatherer is not None else None
+        self.reducer = BucketReducer(buckets, dp_group, stage=stage, micro_batches=micro_batches,
+                                     overlap=overlap_comm, on_bucket_done=done)
+
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            (b.grad_full if b.grad_full is not None else b.grad).zero_()
+
+    def _finish_reduction(self) -> None:
+        self.reducer.finish()
+        if self.gatherer is not None:
+            self.gatherer.wait_all()
+        for b in self.buckets:
+            if b.tp_sum_segment is not None:  # sequence parallel: partial sums over the sequence slices
+                lo, hi = b.tp_sum_segment
+                collectives.all_reduce(b.grad[lo:hi], self.sync.groups.tp)
+            if b.is_embedding:  # the tied copies on the first and last pipeline stage
+                collectives.all_reduce(b.grad, self.sync.embedding_group)
+
+    def _grad_sq_sum(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=self.buckets[0].master.device)
+        for b in self.buckets:
+            for lo, hi in b.norm_segments:
+                seg = b.grad[lo:hi]
+                total += torch.dot(seg, seg)
+        collectives.all_reduce(total, self.dp_group)
+        return self.sync.sum_across_model_parallel(total)
+
+    def step(self, *, lr: float, loss_scale: float) -> StepResult:
+        self._finish_reduction()
+        sq = self._grad_sq_sum().item()
+        norm = math.sqrt(sq) / loss_scale if math.isfinite(sq) else float("inf")
+        if not math.isfinite(norm):
+            self.zero_grad()
+            return StepResult(skipped=True, grad_norm=float("nan") if math.isnan(sq) else norm, clip_coef=1.0)
+        clip_coef = min(1.0, self.clip / (norm + 1e-6)) if self.clip > 0.0 else 1.0
+        p = self.cfg.params
+        self.applied_steps += 1
+        for b in self.buckets:
+            adamw_update(b.master, b.grad, b.exp_avg, b.exp_avg_sq, lr=lr, beta1=p.betas[0], beta2=p.betas[1],
+                         eps=p.eps, weight_decay=b.weight_decay, step=self.applied_steps,
+                         decoupled=self.cfg.decoupled, bias_correction=p.bias_correction,
+                         grad_scale=clip_coef / loss_scale, use_kernel=self.use_kernels)
+        self._publish_params()
+        self.zero_grad()
+        return StepResult(skipped=False, grad_norm=norm, clip_coef=clip_coef)
+
+    def _publish_params(self) -> None:
+        handles = []
+        for b in self.buckets:
+            if b.partitioned:
+                continue
+            b.own_params()
+            local = b.param_full[b.lo:b.hi]
+            local.copy_(b.master)
+            handles.append(collectives.all_gather_into_tensor_async(b.param_full, local, self.dp_group))
+        for h in handles:
+            h.wait()
+        if self.gatherer is not None:
+            self.gatherer.update_shards()
+
+    # ------------------------------------------------------------------ accounting and state
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """This rank's persistent model states in bytes (transient gradient buckets and gathered stage-3
+        layers are not model states)."""
+        out = {"params": 0, "grads": 0, "optimizer": 0}
+        for b in self.buckets:
+            for k, v in b.model_state_bytes().items():
+                out[k] += v
+        return out
+
+    def state_dict(self) -> dict:
+        return {"applied_steps": self.applied_steps, "stage": self.stage,
+                "dp": (self.dp_group.size, self.dp_group.rank),
+                "buckets": [{"names": [n for n, _ in b.named_params], "master": b.master.clone(),
+                             "exp_avg": b.exp_avg.clone(), "exp_avg_sq": b.exp_avg_sq.clone()}
+                            for b in self.buckets]}
+
+    def load_state_dict(self, state: dict) -> None:
+        from engine.errors import CheckpointError
+
+        if state.get("stage") != self.stage or tuple(state.get("dp", ())) != (self.dp_group.size,
+                                                                             self.dp_group.rank):
+            raise CheckpointError(f"ZeRO state was saved with stage {state.get('stage')} on data-parallel "
+                                  f"(size, rank) {tuple(state.get('dp', ()))}, this run has stage {self.stage} "
+                                  f"on {(self.dp_group.size, self.dp_group.rank)}",
+                                  hint="resume on the same layout (resharding is not supported here)")
+        if len(state["buckets"]) != len(self.buckets):
+            raise CheckpointError("ZeRO state has a different number of buckets than this model")
+        for b, s in zip(self.buckets, state["buckets"]):
+            if s["names"] != [n for n, _ in b.named_params]:
+                raise CheckpointError(f"ZeRO state does not match the model at bucket of {s['names'][0]}")
+            b.master.copy_(s["master"])
+            b.exp_avg.copy_(s["exp_avg"])
+            b.exp_avg_sq.copy_(s["exp_avg_sq"])
+        self.applied_steps = int(state["applied_steps"])
+        if self.gatherer is not None:
+            self.gatherer.update_shards()

@@ -1,0 +1,129 @@
+"""ZeRO stage 3 parameter lifecycle: each rank keeps only its shard of a layer's parameters; the layer
+is all-gathered just before its forward and again before its backward, and released after use.
+
+Units: unit 0 is everything outside ``model.layers`` (embedding, positions, final norm, head); it is
+gathered when the model's forward starts and kept until its gradients have been reduced at the end of
+backward (the tied embedding is used by the first and the last op of the step). Units 1..L are the
+transformer blocks: gathered by a forward pre-hook and released by the forward hook; in training a hook
+on the block's output gradient gathers it again when backward reaches it, and the block is released once
+its buckets' gradients are reduced. While gathering a unit, the next units (in forward order, or in
+reverse during backward) are prefetched asynchronously up to ``stage3_prefetch_bucket_size`` elements.
+Buckets of parameters below ``stage3_param_persistence_threshold`` are never partitioned (DeepSpeed's
+persistent parameters): they behave as in stage 2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.dist import collectives
+from engine.zero.buckets import ShardedBucket
+
+
+class ParamGatherer:
+    def __init__(self, model: nn.Module, units: list[list[ShardedBucket]], dp_group, *, prefetch_numel: int) -> None:
+        self.units = [[b for b in unit if b.partitioned] for unit in units]
+        self.dp_group = dp_group
+        self.prefetch_numel = prefetch_numel
+        self.in_flight: dict[int, tuple[torch.Tensor, collectives.Handle]] = {}
+        self.reduced = [0] * len(units)
+        self.unit_of = {id(b): i for i, unit in enumerate(self.units) for b in unit}
+        for unit in self.units:
+            for b in unit:
+                b.param_shard = b.master.clone()  # fp32 until the first gather sees the compute dtype
+                b.release()
+        blocks = list(getattr(model, "layers", []))
+        model.register_forward_pre_hook(lambda m, args: self._gather(0, direction=1))
+        model.register_forward_hook(lambda m, args, out: None if torch.is_grad_enabled() else self.release(0))
+        for i, block in enumerate(blocks, start=1):
+            block.register_forward_pre_hook(self._make_pre_hook(i))
+            block.register_forward_hook(self._make_post_hook(i))
+        model.register_state_dict_pre_hook(lambda m, prefix, keep_vars: self.gather_all())
+        model._register_state_dict_hook(lambda m, sd, prefix, meta: self.release_all())
+        model._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.gather_all())
+        model.register_load_state_dict_post_hook(lambda m, keys: self.reshard_from_params())
+
+    def _make_pre_hook(self, unit: int):
+        return lambda m, args: self._gather(unit, direction=1)
+
+    def _make_post_hook(self, unit: int):
+        def hook(m, args, out):
+            self.release(unit)
+            if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(lambda grad: self._gather(unit, direction=-1))
+
+        return hook
+
+    # ------------------------------------------------------------------ gathering
+
+    def _start(self, bucket: ShardedBucket) -> None:
+        if id(bucket) in self.in_flight or bucket.param_full is not None:
+            return
+        dtype = bucket.compute_dtype()
+        if bucket.param_shard.dtype != dtype:  # the trainer cast the model after building the optimizer
+            bucket.param_shard = bucket.master.to(dtype)
+        full = torch.empty(bucket.padded_numel, dtype=dtype, device=bucket.master.device)
+        self.in_flight[id(bucket)] = (full, collectives.all_gather_into_tensor_async(full, bucket.param_shard,
+                                                                                     self.dp_group))
+
+    def _gather(self, unit: int, *, direction: int) -> None:
+        for b in self.units[unit]:
+            self._start(b)
+        budget, nxt = self.prefetch_numel if direction else 0, unit + direction
+        while 0 < nxt < len(self.units) and budget > 0:  # unit 0 is gathered by the model's own hook
+            for b in self.units[nxt]:
+                if budget <= 0:
+                    break
+                self._start(b)
+                budget -= b.padded_numel
+            nxt += direction
+        for b in self.units[unit]:
+            if id(b) in self.in_flight:
+                full, handle = self.in_flight.pop(id(b))
+                handle.wait()
+                b.bind_full(full)
+
+    def release(self, unit: int) -> None:
+        for b in self.units[unit]:
+            b.release()
+
+    def on_bucket_reduced(self, bucket: ShardedBucket) -> None:
+        """All of ``bucket``'s gradients of this backward are reduced: release its unit when complete."""
+        unit = self.unit_of.get(id(bucket))
+        if unit is None:
+            return
+        self.reduced[unit] += 1
+        if self.reduced[unit] == len(self.units[unit]):
+            self.reduced[unit] = 0
+            self.release(unit)
+
+    def gather_all(self) -> None:
+        for i in range(len(self.units)):
+            self._gather(i, direction=0)
+
+    def release_all(self) -> None:
+        for i in range(len(self.units)):
+            self.release(i)
+
+    def reshard_from_params(self) -> None:
+        """After ``model.load_state_dict``: keep this rank's shard of the loaded values."""
+        for unit in self.units:
+            for b in unit:
+                b.param_shard = b.param_full[b.lo:b.hi].clone()
+        self.release_all()
+
+    def wait_all(self) -> None:
+        """Settle prefetches nobody consumed (e.g. the last block's prefetch at the end of backward)."""
+        for _, handle in self.in_flight.values():
+            handle.wait()
+        self.in_flight.clear()
+
+    def update_shards(self) -> None:
+        """After the optimizer step: the new compute-dtype parameter shards from the fp32 masters."""
+        for unit in self.units:
+            for b in unit:
+                if b.param_shard.dtype == torch.float32 and b.compute_dtype() != torch.float32:
+                    b.param_shard = b.master.to(b.compute_dtype())
+                else:
+                    b.param_shard.copy_(b.master)
