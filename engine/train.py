@@ -22,6 +22,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="override a config key (value parsed as JSON, else string); repeatable")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for MFU (default: from the device table; none on CPU)")
+    p.add_argument("--init-from-hf", default=None, metavar="DIR",
+                   help="start from a local transformers GPT-2/Llama checkpoint (sets train.init_from_hf)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
@@ -37,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.peak_tflops is not None:
         overrides.append(f"train.peak_tflops={args.peak_tflops}")
+    if args.init_from_hf:
+        overrides.append(f"train.init_from_hf={json.dumps(args.init_from_hf)}")
     cfg = load_config(args.config, overrides)
     summary = run_training(cfg, resume=True if args.resume else None, fresh=args.fresh,
                            local_rank=args.local_rank)

@@ -72,7 +72,8 @@ class Trainer:
             torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None, cfg.dtype_name)
         self._resume_or_start(cfg.train.resume if resume is None else resume, fresh)
         self.metrics = MetricsWriter(cfg.train.log_dir, enabled=ctx.rank == 0, append=self.step > 0,
-                                     tensorboard_dir=self._tensorboard_dir())
+                                     tensorboard_dir=self._tensorboard_dir(), wandb=cfg.wandb,
+                                     run_config=config_to_dict(cfg) if cfg.wandb.enabled else None)
 
     # ------------------------------------------------------------------ setup
 

@@ -28,6 +28,7 @@ from engine.config.sections import (
     SchedulerParams,
     TensorBoardConfig,
     TrainConfig,
+    WandbConfig,
     ZeroConfig,
 )
 from engine.errors import ConfigError
@@ -54,6 +55,7 @@ class TridentConfig:
     activation_checkpointing: ActivationCheckpointingConfig = field(
         doc="DeepSpeed's activation checkpointing section", factory=ActivationCheckpointingConfig)
     tensorboard: TensorBoardConfig = field(doc="TensorBoard output", factory=TensorBoardConfig)
+    wandb: WandbConfig = field(doc="Weights & Biases monitor (DeepSpeed's section)", factory=WandbConfig)
     communication_data_type: str | None = field(None, doc="must be fp32 or omitted")
     gradient_predivide_factor: float | None = field(None, doc="must be 1.0 or omitted")
     zero_allow_untested_optimizer: bool = field(False, doc="accepted for compatibility")
@@ -148,6 +150,8 @@ def _parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+    except RecursionError:
+        raise ConfigError(f"--set value {text[:20]}...: JSON nested too deeply") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -185,6 +189,8 @@ def read_json(path: str) -> dict:
         raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte offset {err.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply") from None
     except ConfigError as err:
         raise ConfigError(f"{path}: {err.message}", hint=err.hint) from None
     return raw
@@ -193,6 +199,8 @@ def read_json(path: str) -> dict:
 def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TridentConfig:
     """Read, override and validate a config; raises ConfigError naming the key path."""
     raw = read_json(path) if path else {}
+    if not isinstance(raw, dict):  # before the overrides, which walk into it
+        raise ConfigError(f"{path}: the top level must be a JSON object")
     raw = apply_overrides(raw, list(overrides))
     return parse_config(raw, source=path or "config")
 

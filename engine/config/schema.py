@@ -140,13 +140,16 @@ def _check_bounds(f: dataclasses.Field, value: Any, path: str) -> None:
         raise ConfigError(f"{path}: must be <= {md['max']}, got {value}")
 
 
-def _refusal_accepts(value: Any) -> bool:
-    """A refused feature given only as switched off asks for nothing and is accepted."""
-    if value is None or value is False:
+def _refusal_accepts(value: Any, refusal: str = "") -> bool:
+    """A refused feature given only as switched off asks for nothing and is accepted: ``null``, ``false``,
+    ``{}``, a section with ``"enabled": false`` (whatever else it sets), an offload with ``"device": "none"``,
+    or a value the refusal lists as what Trident does anyway (``refusal.accepts``)."""
+    if value is None or value is False or value in getattr(refusal, "accepts", ()):
         return True
     if isinstance(value, dict):
-        return not value or (set(value) <= {"enabled", "device"} and value.get("enabled", False) is False
-                             and value.get("device", "none") in ("none", None))
+        if "enabled" in value:
+            return value["enabled"] is False
+        return not value or value.get("device", "") in ("none", None)
     return False
 
 
@@ -159,7 +162,7 @@ def build(cls: type, data: dict, path: str, refusals: Refusals) -> Any:
     for key, value in data.items():
         key_path = _join(path, key)
         if key_path in refusals:
-            if _refusal_accepts(value):
+            if _refusal_accepts(value, refusals[key_path]):
                 continue
             raise ConfigError(f"{key_path}: {refusals[key_path]}")
         name = aliases.get(key, key)
@@ -173,7 +176,8 @@ def build(cls: type, data: dict, path: str, refusals: Refusals) -> Any:
         conv = convert(hints[name], value, key_path, refusals)
         if "choices" in f.metadata and conv not in f.metadata["choices"]:
             raise ConfigError(f"{key_path}: {_describe(conv)} is not one of "
-                              f"{', '.join(json.dumps(c) for c in f.metadata['choices'])}")
+                              f"{', '.join(json.dumps(c) for c in f.metadata['choices'])}",
+                              hint=f.metadata.get("doc") or None)
         _check_bounds(f, conv, key_path)
         kwargs[name] = conv
     missing = [n for n, f in fields.items() if n not in kwargs

@@ -81,6 +81,9 @@ class FP16Config:
 class BF16Config:
     enabled: bool = field(False, doc="bf16 compute with fp32 master weights (no loss scaling)")
     immediate_grad_update: bool = field(False, doc="accepted for compatibility (no effect)")
+    bf16_master_weights_and_grads: bool = field(False, doc="must be false: masters and gradients are fp32",
+                                                choices=(False,))
+    bf16_optimizer_states: bool = field(False, doc="must be false: Adam moments are fp32", choices=(False,))
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,16 @@ class ZeroConfig:
     reduce_scatter: bool = field(True, doc="reduce gradients with reduce-scatter (else all-reduce)")
     allgather_partitions: bool = field(True, doc="all-gather updated partitions (else broadcast)")
     round_robin_gradients: bool = field(False, doc="accepted for compatibility (no effect on results)")
-    stage3_prefetch_bucket_size: int = field(50_000_000, doc="stage 3: elements to prefetch ahead", min=0)
-    stage3_param_persistence_threshold: int = field(100_000, doc="stage 3: params smaller stay whole", min=0)
-    stage3_max_live_parameters: int = field(1_000_000_000, doc="stage 3: cap on gathered elements", min=1)
-    stage3_max_reuse_distance: int = field(1_000_000_000, doc="stage 3: keep params reused this soon", min=0)
-    stage3_gather_16bit_weights_on_model_save: bool = field(False, doc="stage 3: save a gathered 16-bit model")
+    stage3_prefetch_bucket_size: int = field(50_000_000, doc="stage 3: elements to prefetch ahead", min=0,
+                                             alias="prefetch_bucket_size")
+    stage3_param_persistence_threshold: int = field(100_000, doc="stage 3: params smaller stay whole", min=0,
+                                                    alias="param_persistence_threshold")
+    stage3_max_live_parameters: int = field(1_000_000_000, doc="stage 3: cap on gathered elements", min=1,
+                                            alias="max_live_parameters")
+    stage3_max_reuse_distance: int = field(1_000_000_000, doc="stage 3: keep params reused this soon", min=0,
+                                           alias="max_reuse_distance")
+    stage3_gather_16bit_weights_on_model_save: bool = field(False, doc="stage 3: save a gathered 16-bit model",
+                                                            alias="gather_16bit_weights_on_model_save")
     sub_group_size: int = field(1_000_000_000, doc="accepted for compatibility (optimizer step granularity)",
                                 min=1)
     load_from_fp32_weights: bool = field(True, doc="restore masters from fp32 copies on load")
@@ -123,6 +131,24 @@ class TensorBoardConfig:
     enabled: bool = field(False, doc="write TensorBoard scalars")
     output_path: str = field("", doc="directory (default: train.log_dir)")
     job_name: str = field("", doc="sub-directory name")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """DeepSpeed's Weights & Biases monitor: rank 0 logs every metrics.jsonl scalar (needs ``pip install wandb``
+    and a login or WANDB_API_KEY; WANDB_MODE=offline works without network)."""
+
+    enabled: bool = field(False, doc="log metrics to Weights & Biases")
+    project: str = field("deepspeed", doc="W&B project (DeepSpeed's default name)")
+    group: str | None = field(None, doc="W&B run group")
+    team: str | None = field(None, doc="W&B entity (team or user)")
+
+    def validate(self, path: str) -> None:
+        import importlib.util
+
+        if self.enabled and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"{path}.enabled: true but the wandb package is not installed",
+                              hint="pip install wandb, or set wandb.enabled=false")
 
 
 # ---------------------------------------------------------------- Trident sections
@@ -253,7 +279,16 @@ class RollbackConfig:
 @dataclass(frozen=True)
 class ResilienceConfig:
     collective_timeout_s: float = field(600.0, doc="process-group timeout in seconds", gt=0.0)
+    heartbeat_timeout_s: float = field(60.0, doc="exit every rank when a peer has not sent a heartbeat for this "
+                                             "long, e.g. stopped or killed (0: no watchdog)", min=0.0)
+    heartbeat_interval_s: float = field(1.0, doc="seconds between heartbeats of each rank", gt=0.0)
     rollback: RollbackConfig = field(doc="automatic rollback on loss spikes / NaNs", factory=RollbackConfig)
+
+    def validate(self, path: str) -> None:
+        if self.heartbeat_timeout_s and self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ConfigError(f"{path}.heartbeat_timeout_s: {self.heartbeat_timeout_s} s must be at least twice "
+                              f"heartbeat_interval_s ({self.heartbeat_interval_s} s)",
+                              hint="a peer is declared lost only after several missed heartbeats")
 
 
 def replace(obj, **changes):
