@@ -214,7 +214,8 @@ class ParallelConfig:
     tensor: int = field(1, doc="tensor-parallel size", min=1)
     pipeline: int = field(1, doc="pipeline-parallel size", min=1)
     sequence_parallel: bool = field(False, doc="shard norm/dropout regions along the sequence (needs tensor>1)")
-    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved"] = field("1f1b", doc="pipeline schedule")
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved", "zb-h1"] = field(
+        "1f1b", doc="pipeline schedule (zb-h1: zero-bubble H1, backward split into input and weight passes)")
     virtual_stages: int = field(1, doc="model chunks per pipeline rank (interleaved 1F1B)", min=1)
 
 

@@ -39,8 +39,10 @@ def _model_chunk(chunk: int, stage: int, stages: int) -> int:
 
 def _producer(op, *, stage: int, stages: int, chunks: int) -> tuple[int, int] | None:
     """(stage, op) position of the op whose output ``op`` consumes, as (stage, local chunk); None if local."""
-    from engine.pipeline.schedules import Forward  # noqa: PLC0415 - avoid an import cycle
+    from engine.pipeline.schedules import BackwardWeight, Forward  # noqa: PLC0415 - avoid an import cycle
 
+    if isinstance(op, BackwardWeight):  # needs only its own stage's Backward
+        return None
     k = _model_chunk(op.chunk, stage, stages) + (-1 if isinstance(op, Forward) else 1)
     if not 0 <= k < stages * chunks:
         return None
@@ -51,7 +53,7 @@ def _timeline(
     orders: Sequence[Sequence], *, stages: int, chunks: int
 ) -> list[list[tuple[Fraction, Fraction]]]:
     """ASAP (start, end) of every op in ``orders[s]``; raises if the orders cannot make progress."""
-    from engine.pipeline.schedules import Backward, Forward  # noqa: PLC0415
+    from engine.pipeline.schedules import Backward, BackwardWeight, Forward  # noqa: PLC0415
 
     ends: dict[tuple[int, type, int, int], Fraction] = {}  # (stage, kind, micro, chunk) -> end
     times: list[list[tuple[Fraction, Fraction]]] = [[] for _ in range(stages)]
@@ -69,6 +71,8 @@ def _timeline(
                     deps.append((src[0], type(op), op.micro, src[1]))
                 if isinstance(op, Backward):
                     deps.append((s, Forward, op.micro, op.chunk))
+                if isinstance(op, BackwardWeight):
+                    deps.append((s, Backward, op.micro, op.chunk))
                 if any(d not in ends for d in deps):
                     break
                 start = max([free[s], *(ends[d] for d in deps)])

@@ -7,7 +7,8 @@ Vocabulary. ``p`` stages (devices), ``m`` micro-batches, ``v`` virtual stages (m
 The model is cut into ``p * v`` model chunks; device ``s`` holds local chunks ``0..v-1`` which are model
 chunks ``s, s + p, s + 2p, ...`` (see ``partition.py``). Activations flow model chunk ``k -> k + 1``, i.e.
 from device ``s`` to ``s + 1``, and from the last device back to device 0 for the next local chunk
-(interleaved only); gradients flow the other way.
+(interleaved only); gradients flow the other way. Zero-bubble schedules (``zero_bubble.py``: ZB-H1) split
+each backward into ``Backward`` (input gradient) and ``BackwardWeight`` (weight gradients).
 
 Communication and the pairing convention. Point-to-point ops never appear alone: they are grouped in
 ``Exchange(ops)`` instructions; a runtime posts one ``Exchange`` as one ``batch_isend_irecv`` and waits for
@@ -45,6 +46,17 @@ class Forward:
 @dataclass(frozen=True)
 class Backward:
     """Backward of local chunk ``chunk`` on ``micro``; frees that micro-batch's activations of the chunk."""
+
+    micro: int
+    chunk: int = 0
+
+
+@dataclass(frozen=True)
+class BackwardWeight:
+    """Zero-bubble schedules split the backward (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"): there
+    ``Backward`` computes only the input gradient, which the previous stage waits for, and this computes the
+    weight gradients of (micro, chunk) later, where the stage would otherwise idle; it frees the
+    activations."""
 
     micro: int
     chunk: int = 0
@@ -106,9 +118,10 @@ class OptimizerStep:
     """Apply the optimizer to this stage's parameters."""
 
 
-Instruction = Forward | Backward | Exchange | ReduceGrads | OptimizerStep
+Instruction = Forward | Backward | BackwardWeight | Exchange | ReduceGrads | OptimizerStep
+Compute = Forward | Backward | BackwardWeight
 
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 # --- compute orders ----------------------------------------------------------------------------------
 
@@ -215,9 +228,25 @@ def build_all(
             f"parallel.virtual_stages={virtual_stages} needs the interleaved schedule, not {name!r}",
             hint='set parallel.pipeline_schedule to "interleaved" or parallel.virtual_stages to 1',
         )
+    if name == "zb-h1":
+        from engine.pipeline.zero_bubble import zb_h1_orders  # noqa: PLC0415 - it imports this module
+
+        return weave_exchanges(zb_h1_orders(stages=stages, microbatches=microbatches), stages=stages, chunks=1)
     build = gpipe_order if name == "gpipe" else one_f_one_b_order
     orders = [build(stages=stages, microbatches=microbatches, stage=s) for s in range(stages)]
     return weave_exchanges(orders, stages=stages, chunks=1)
+
+
+def build_forward_only(*, stages: int, microbatches: int, virtual_stages: int = 1) -> list[list[Instruction]]:
+    """Evaluation streams: every forward in the training order (with v > 1, micro-batches in groups of p
+    through the chunks), no backwards; exchanges paired like the training streams."""
+    _check(stages, microbatches, 0)
+    v = virtual_stages
+    if v == 1:
+        order: list[Forward | Backward] = [Forward(i) for i in range(microbatches)]
+    else:
+        order = [_interleaved_op(k, stages=stages, chunks=v, forward=True) for k in range(microbatches * v)]
+    return weave_exchanges([order] * stages, stages=stages, chunks=v)
 
 
 def schedule(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,20 @@ def test_interleaved_report_and_png(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_measure_is_refused_until_the_executor_exists() -> None:
-    with pytest.raises(ConfigError, match=r"^--measure is not yet available: it needs the pipeline executor"):
-        main(["--stages", "2", "--microbatches", "2", "--measure"])
+def test_measure_runs_the_executor_and_reports_idle_next_to_formula(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--stages", "2", "--microbatches", "2", "--measure", "--steps", "1", "--d-model", "32",
+            "--seq-len", "16", "--micro-batch", "2", "--layers-per-chunk", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = out.index(next(line for line in out if line.startswith("measured: 2 gloo ranks")))
+    assert out[start + 1].startswith("stage  0 |0") and out[start + 2].startswith("stage  1 |.")
+    last = out[-1]
+    assert re.fullmatch(
+        r"measured idle fraction: (\d+\.\d{4}) \(steps: \d+\.\d{3}\)   simulated at these op times: "
+        r"\d+\.\d{4}   formula: 1/2 = 0\.5000", last), last
+    assert float(last.split()[3]) > 0  # a real pipeline of 2 stages always idles
+
+
+def test_measure_refuses_a_single_stage() -> None:
+    with pytest.raises(ConfigError, match=r"^--stages 1: --measure needs at least 2 pipeline stages"):
+        main(["--stages", "1", "--microbatches", "2", "--measure"])

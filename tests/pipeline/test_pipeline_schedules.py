@@ -138,3 +138,19 @@ def test_virtual_stages_need_interleaved_and_unknown_names_are_refused() -> None
         build_all("1f1b", stages=2, microbatches=4, virtual_stages=2)
     with pytest.raises(ConfigError, match=r"^parallel.pipeline_schedule: unknown schedule 'zb'"):
         build_all("zb", stages=2, microbatches=4)
+
+
+def test_overlapped_p2p_reaches_the_interleaved_formula_with_slower_backward() -> None:
+    """Waiting for an exchange only when its data is needed (the executor's default) never deadlocks where
+    waiting at once does not, and removes the rendezvous stalls that the unit-time pairing causes with
+    backward = 2 x forward: the interleaved bubble is (p-1)/(v*m) again (blocking: 3/8 for p=4, m=8, v=2)."""
+    blocking = simulate(build_all("interleaved", stages=4, microbatches=8, virtual_stages=2), virtual_stages=2,
+                        fwd_time=1, bwd_time=2, wait="post")
+    assert blocking.bubble == Fraction(3, 8)
+    for name, p, m, v in _layouts():
+        if (name != "interleaved" and m % 4) or (name == "interleaved" and m > 16):
+            continue  # a sample of the non-interleaved layouts; the full ranges run blocking above
+        streams = build_all(name, stages=p, microbatches=m, virtual_stages=v)
+        for fwd, bwd in ((1, 1), (1, 2)):
+            result = simulate(streams, virtual_stages=v, fwd_time=fwd, bwd_time=bwd, wait="need")
+            assert result.bubble == Fraction(p - 1, m * (v if name == "interleaved" else 1)), (name, p, m, v, bwd)
