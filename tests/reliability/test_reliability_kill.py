@@ -18,8 +18,13 @@ import torch
 
 from tests.core.helpers import BASE
 
-STEPS = 12
-LAYOUTS = {"dp2": {"tensor": 1}, "tp2": {"tensor": 2, "sequence_parallel": True}}
+STEPS = 10
+LAYOUTS = {  # config sections per layout, 2 processes each
+    "dp2": {"parallel": {"tensor": 1}},
+    "tp2": {"parallel": {"tensor": 2, "sequence_parallel": True}},
+    "pp2": {"parallel": {"pipeline": 2, "pipeline_schedule": "1f1b"}},
+    "dp2-zero2": {"parallel": {"tensor": 1}, "zero_optimization": {"stage": 2}},
+}
 
 
 def _free_port() -> int:
@@ -30,7 +35,7 @@ def _free_port() -> int:
 
 def _config(tmp, name, layout) -> str:
     raw = json.loads(json.dumps(BASE))
-    raw["parallel"] = LAYOUTS[layout]
+    raw.update(json.loads(json.dumps(LAYOUTS[layout])))
     raw["train"] = {"max_steps": STEPS, "log_interval": 1, "progress": False, "device": "cpu",
                     "log_dir": str(tmp / name / "logs"), "save_dir": str(tmp / name / "ckpt"),
                     "save_interval": 1, "keep_last": 2, "resume": "auto"}
