@@ -19,6 +19,10 @@ def run_training(cfg: TridentConfig, *, resume=None, fresh: bool = False, local_
     from engine.dist.launch import discover
 
     info = discover()
+    from engine.dist.topology import Topology
+
+    # A layout that needs more processes than were launched is refused, never silently run on fewer.
+    Topology(info.world_size, tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline)
     if info.world_size == 1:
         ctx = RunContext.single(pick_device(cfg, info.local_rank if local_rank is None else local_rank))
         trainer = Trainer(cfg, ctx, log=RankLogger(0, 1), resume=resume, fresh=fresh)

@@ -107,3 +107,14 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: optimizer.params.weight_decya: unknown key (hint: did you mean 'weight_decay'?)"]
+
+
+def test_layout_needing_more_processes_is_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**OK, "parallel": {"tensor": 2}, "data": {"synthetic": True}}))
+    proc = subprocess.run([sys.executable, "-m", "engine.train", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: world size 1 is not divisible by parallel.tensor=2 x parallel.pipeline=1 = 2 (hint: launch a "
+        "multiple of tensor x pipeline processes, or change the parallel sizes)"]
