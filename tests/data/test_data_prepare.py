@@ -205,6 +205,38 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, tokenizer):
     assert not list(tmp_path.glob("o*.bin"))
 
 
+def test_worker_encoding_matches_sentencepiece_and_skips_blank_documents(tokenizer, corpus_docs):
+    from engine.data.tokenize_pipeline import encode_unit
+
+    docs = ["", " \t\n", "\u3000\u2029", corpus_docs[0], "x", corpus_docs[1], "\n"]
+    flat, lengths, digests, empty = encode_unit(
+        (("texts", "mem", docs), tokenizer.path, "text", np.dtype(np.uint16), True)
+    )
+    kept = [corpus_docs[0], "x", corpus_docs[1]]  # what str.strip() keeps
+    expected = [tokenizer.encode(d) + [tokenizer.eos_id] for d in kept]
+    assert empty == 4 and lengths.tolist() == [len(e) for e in expected]
+    assert flat.dtype == np.uint16 and flat.tolist() == [t for e in expected for t in e]
+    assert len(digests) == 3 and len(set(digests)) == 3
+
+
+def test_tokenizer_without_eos_is_refused(tmp_path, corpus_docs):
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_docs), model_writer=model, vocab_size=60, eos_id=-1, minloglevel=2
+    )
+    (tmp_path / "noeos.model").write_bytes(model.getvalue())
+    write_jsonl(tmp_path / "a.jsonl", corpus_docs[:3])
+    result = _cli(
+        "--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer", tmp_path / "noeos.model"
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'noeos.model'}: the tokenizer has no eos piece")
+
+
 @pytest.fixture
 def good_prefix(jsonl_corpus, tokenizer):
     out = jsonl_corpus / "v" / "c"
