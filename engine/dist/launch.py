@@ -226,6 +226,13 @@ def _from_mpi4py(env: Mapping[str, str], comm) -> LaunchInfo:
     )
 
 
+_MPI_HINT_PREFIXES = ("PMIX_", "PMI_", "HYDRA_", "HYDI_", "I_MPI_", "MPICH_", "MV2_", "PALS_", "MPI_LOCALRANKID")
+
+
+def _mpi_launch_hint(env: Mapping[str, str]) -> bool:
+    return any(name.startswith(_MPI_HINT_PREFIXES) for name in env)
+
+
 def discover(
     env: Mapping[str, str] | None = None, *, mpi_world: Callable[[], object | None] = mpi4py_world
 ) -> LaunchInfo:
@@ -247,7 +254,9 @@ def discover(
         )
     if "SLURM_PROCID" in env:
         return _checked(_from_slurm(env))
-    comm = mpi_world()
+    # Importing mpi4py initialises MPI (in a plain process Open MPI then starts a singleton daemon), so it is
+    # consulted only when the environment shows an MPI launcher that set none of the variables above.
+    comm = mpi_world() if _mpi_launch_hint(env) else None
     if comm is not None and comm.Get_size() > 1:
         return _checked(_from_mpi4py(env, comm))
     return LaunchInfo(

@@ -161,4 +161,11 @@ class _FakeComm:
 
 
 def test_mpi4py_of_size_one_is_single() -> None:
-    assert discover({}, mpi_world=lambda: _FakeComm(0, 1)).source == "single"
+    assert discover({"PMIX_RANK": "0"}, mpi_world=lambda: _FakeComm(0, 1)).source == "single"
+
+
+def test_mpi4py_is_not_touched_without_an_mpi_launcher() -> None:
+    def boom():
+        raise AssertionError("importing mpi4py would initialise MPI in a plain process")
+
+    assert discover({}, mpi_world=boom).source == "single"
