@@ -39,6 +39,7 @@ setup(
             "deepspeed>=0.14",
             "transformers>=4.40",
             "safetensors>=0.4",
+            "pyarrow>=12",
         ],
         "parquet": ["pyarrow>=12"],
         "mpi": ["mpi4py>=3.1"],
