@@ -113,21 +113,52 @@ class Trainer:
                 "config": config_to_dict(self.cfg)}
 
     def save(self) -> str:
-        layout = {"dp": self.ctx.dp_size, "world_size": self.ctx.world_size,
-                  "tp": self.cfg.parallel.tensor, "pp": self.cfg.parallel.pipeline,
-                  "zero_stage": self.cfg.zero_optimization.stage}
         path = store.save_checkpoint(self.cfg.train.save_dir, self.step, self.state_dict(), rank=self.ctx.rank,
-                                     world_size=self.ctx.world_size, layout=layout,
+                                     world_size=self.ctx.world_size, layout=self._layout(),
                                      keep_last=self.cfg.train.keep_last, barrier=self.ctx.barrier)
         self.log.info(f"saved checkpoint {path}")
         return path
 
-    def load(self, path: str) -> None:
-        state = store.load_shard(path, self.ctx.rank)
-        from engine.checkpoint.compat import load_model_state
+    def _layout(self) -> dict:
+        par = self.cfg.parallel
+        return {"dp": self.ctx.dp_size, "world_size": self.ctx.world_size, "tp": par.tensor, "pp": par.pipeline,
+                "virtual_stages": par.virtual_stages, "zero_stage": self.cfg.zero_optimization.stage}
 
-        load_model_state(self.model, state["model"], path=path)
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _fast_load_fits(self, path: str, manifest: dict) -> dict | None:
+        """This rank's shard when every rank can load its own shard as is (same layout and buckets), else
+        None on every rank (decided together: the resharding path has collectives)."""
+        from engine.checkpoint.reshard import layout_key
+
+        state = None
+        saved = dict(manifest["layout"])
+        if layout_key(saved) == layout_key(self._layout()):
+            state = store.load_shard(path, self.ctx.rank)
+            if "virtual_stages" not in saved:  # format 1 did not record it in the manifest
+                saved["virtual_stages"] = state.get("config", {}).get("parallel", {}).get("virtual_stages", 1)
+            if layout_key(saved) != layout_key(self._layout()) or not self.optimizer.can_load(state["optimizer"]):
+                state = None
+        ok = torch.tensor(0.0 if state is None else 1.0)
+        if self.ctx.groups is not None:
+            from engine.dist import collectives
+
+            collectives.all_reduce(ok, self.ctx.groups.world, op="min")
+        return state if ok.item() == 1.0 else None
+
+    def load(self, path: str) -> None:
+        """Resume from checkpoint ``path``: per rank, bit-exactly, when it was saved with this layout;
+        otherwise through the layout-independent state (engine/checkpoint/reshard.py)."""
+        manifest = store.read_manifest(path)
+        state = self._fast_load_fits(path, manifest)
+        if state is not None:
+            from engine.checkpoint.compat import load_model_state
+
+            load_model_state(self.model, state["model"], path=path)
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            from engine.checkpoint.reshard import load_resharded
+
+            self.log.info(f"{path}: saved with layout {manifest['layout']}, resharding into {self._layout()}")
+            state = load_resharded(path, cfg=self.cfg, ctx=self.ctx, optimizer=self.optimizer)
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
         restore_rng_state(state["rng"])

@@ -26,7 +26,11 @@ import torch
 
 from engine.errors import CheckpointError, NoCheckpointError
 
-FORMAT_VERSION = 1
+# 2: optimizer states describe their flat buffers (names, shapes, offsets, TP split, ZeRO shard range) and the
+#    manifest's layout records virtual_stages, so a checkpoint reshards into any layout (reshard.py).
+# 1: the same files without those descriptions; still read (decoded from the model shapes and names).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -123,9 +127,10 @@ def read_manifest(path: str) -> dict:
             manifest = json.load(fh)
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}/manifest.json: unreadable ({err})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}/manifest.json: format_version {manifest.get('format_version')} is not "
-                              f"{FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}/manifest.json: format_version {manifest.get('format_version')} is not one "
+                              f"this Trident reads ({', '.join(map(str, READABLE_VERSIONS))})",
+                              hint="a newer Trident wrote it: load it with that version")
     return manifest
 
 

@@ -32,6 +32,27 @@ class FlatLayout:
         self.numel = offset
         self.padded_numel = -(-offset // pad_to) * pad_to if offset else 0
 
+    def describe(self) -> dict:
+        """Self-describing layout saved beside the flat optimizer states (checkpoint format 2), so a
+        checkpoint is decoded into per-parameter tensors without the model (engine/checkpoint/reshard.py):
+        names, shapes and offsets in the flat buffer, and each parameter's TP split (``tp_dim`` and the
+        full block sizes ``tp_sizes``; None when replicated over TP)."""
+        tp = [None if getattr(p, "tp_dim", None) is None else (int(p.tp_dim), tuple(int(s) for s in p.tp_sizes))
+              for _, p in self.named_params]
+        return {"names": [n for n, _ in self.named_params], "shapes": [tuple(s) for s in self.shapes],
+                "offsets": list(self.offsets), "tp": tp, "numel": self.numel, "padded_numel": self.padded_numel}
+
+    def fill_from(self, flat: torch.Tensor, tensors: dict[str, torch.Tensor], *, lo: int = 0, hi: int | None = None
+                  ) -> None:
+        """Write ``tensors`` (name -> tensor shaped like the parameter) into ``flat``, which holds elements
+        [lo, hi) of this layout (a ZeRO shard, or the whole buffer); padding is zeroed."""
+        hi = self.padded_numel if hi is None else hi
+        flat.zero_()
+        for (name, _), off, shape in zip(self.named_params, self.offsets, self.shapes):
+            a, b = max(off, lo), min(off + shape.numel(), hi)
+            if a < b:
+                flat[a - lo:b - lo].copy_(tensors[name].reshape(-1)[a - off:b - off])
+
     def views(self, flat: torch.Tensor):
         """(param, view of ``flat`` shaped like param) pairs."""
         for (_, p), off, shape in zip(self.named_params, self.offsets, self.shapes):

@@ -119,10 +119,30 @@ class MixedPrecisionOptimizer:
 
     def state_dict(self) -> dict:
         return {
-            "applied_steps": self.applied_steps,
+            "applied_steps": self.applied_steps, "kind": "flat",
             "groups": [{"names": [n for n, _ in g.named_params], "master": g.master.clone(),
-                        "exp_avg": g.exp_avg.clone(), "exp_avg_sq": g.exp_avg_sq.clone()} for g in self.groups],
+                        "exp_avg": g.exp_avg.clone(), "exp_avg_sq": g.exp_avg_sq.clone(), "layout": g.describe()}
+                       for g in self.groups],
         }
+
+    def can_load(self, state: dict) -> bool:
+        """Whether ``state`` has exactly this optimizer's flat layout (the fast, bit-exact path)."""
+        saved = state.get("groups", [])
+        return len(saved) == len(self.groups) and all(
+            s["names"] == [n for n, _ in g.named_params] for g, s in zip(self.groups, saved))
+
+    def param_layouts(self) -> list[dict]:
+        """One ``FlatLayout.describe()`` per flat buffer: what ``load_logical`` fills."""
+        return [g.describe() for g in self.groups]
+
+    def load_logical(self, tensors: dict[str, dict[str, torch.Tensor]], *, applied_steps: int) -> None:
+        """Fill the flat states from per-parameter fp32 tensors (name -> {"master", "exp_avg", "exp_avg_sq"},
+        shaped like this rank's parameter) and copy the masters into the model: the resharding load."""
+        for g in self.groups:
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                g.fill_from(getattr(g, key), {n: t[key] for n, t in tensors.items()})
+            g.copy_master_to_params()
+        self.applied_steps = int(applied_steps)
 
     def load_state_dict(self, state: dict) -> None:
         from engine.errors import CheckpointError

@@ -52,6 +52,7 @@ class ZeroOptimizer:
         self.reducer.finish()
         if self.gatherer is not None:
             self.gatherer.wait_all()
+            self.gatherer.release_all()  # backward is over; gathered copies would be stale after the update
         for b in self.buckets:
             if b.tp_sum_segment is not None:  # sequence parallel: partial sums over the sequence slices
                 lo, hi = b.tp_sum_segment
@@ -113,26 +114,48 @@ class ZeroOptimizer:
         return out
 
     def state_dict(self) -> dict:
-        return {"applied_steps": self.applied_steps, "stage": self.stage,
+        return {"applied_steps": self.applied_steps, "stage": self.stage, "kind": "zero",
                 "dp": (self.dp_group.size, self.dp_group.rank),
                 "buckets": [{"names": [n for n, _ in b.named_params], "master": b.master.clone(),
-                             "exp_avg": b.exp_avg.clone(), "exp_avg_sq": b.exp_avg_sq.clone()}
+                             "exp_avg": b.exp_avg.clone(), "exp_avg_sq": b.exp_avg_sq.clone(),
+                             "layout": {**b.describe(), "lo": b.lo, "hi": b.hi}}
                             for b in self.buckets]}
+
+    def can_load(self, state: dict) -> bool:
+        """Whether ``state`` was saved by this very sharding (stage, DP size and rank, buckets): the fast,
+        bit-exact path. Anything else loads through engine/checkpoint/reshard.py."""
+        saved = state.get("buckets", [])
+        return (state.get("stage") == self.stage
+                and tuple(state.get("dp", ())) == (self.dp_group.size, self.dp_group.rank)
+                and len(saved) == len(self.buckets)
+                and all(s["names"] == [n for n, _ in b.named_params] for b, s in zip(self.buckets, saved)))
+
+    def param_layouts(self) -> list[dict]:
+        """One layout per bucket: what ``load_logical`` fills (every parameter the bucket touches)."""
+        return [b.describe() for b in self.buckets]
+
+    def load_logical(self, tensors: dict[str, dict[str, torch.Tensor]], *, applied_steps: int) -> None:
+        """Fill this rank's shards from per-parameter fp32 tensors (name -> {"master", "exp_avg",
+        "exp_avg_sq"} shaped like this rank's TP/PP part of the parameter), then publish the compute-dtype
+        parameters as a step would (all-gather over DP; stage 3 keeps its shard). All DP ranks must call it."""
+        if self.gatherer is not None:
+            self.gatherer.wait_all()
+            self.gatherer.release_all()
+        for b in self.buckets:
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                b.fill_from(getattr(b, key), {n: t[key] for n, t in tensors.items()}, lo=b.lo, hi=b.hi)
+        self.applied_steps = int(applied_steps)
+        self._publish_params()
 
     def load_state_dict(self, state: dict) -> None:
         from engine.errors import CheckpointError
 
-        if state.get("stage") != self.stage or tuple(state.get("dp", ())) != (self.dp_group.size,
-                                                                             self.dp_group.rank):
+        if not self.can_load(state):
             raise CheckpointError(f"ZeRO state was saved with stage {state.get('stage')} on data-parallel "
                                   f"(size, rank) {tuple(state.get('dp', ()))}, this run has stage {self.stage} "
-                                  f"on {(self.dp_group.size, self.dp_group.rank)}",
-                                  hint="resume on the same layout (resharding is not supported here)")
-        if len(state["buckets"]) != len(self.buckets):
-            raise CheckpointError("ZeRO state has a different number of buckets than this model")
+                                  f"on {(self.dp_group.size, self.dp_group.rank)} (or other buckets)",
+                                  hint="Trainer.load reshards such checkpoints (engine/checkpoint/reshard.py)")
         for b, s in zip(self.buckets, state["buckets"]):
-            if s["names"] != [n for n, _ in b.named_params]:
-                raise CheckpointError(f"ZeRO state does not match the model at bucket of {s['names'][0]}")
             b.master.copy_(s["master"])
             b.exp_avg.copy_(s["exp_avg"])
             b.exp_avg_sq.copy_(s["exp_avg_sq"])

@@ -1,15 +1,24 @@
 """ZeRO stage 3 parameter lifecycle: each rank keeps only its shard of a layer's parameters; the layer
 is all-gathered just before its forward and again before its backward, and released after use.
 
-Units: unit 0 is everything outside ``model.layers`` (embedding, positions, final norm, head); it is
-gathered when the model's forward starts and kept until its gradients have been reduced at the end of
-backward (the tied embedding is used by the first and the last op of the step). Units 1..L are the
-transformer blocks: gathered by a forward pre-hook and released by the forward hook; in training a hook
-on the block's output gradient gathers it again when backward reaches it, and the block is released once
-its buckets' gradients are reduced. While gathering a unit, the next units (in forward order, or in
-reverse during backward) are prefetched asynchronously up to ``stage3_prefetch_bucket_size`` elements.
-Buckets of parameters below ``stage3_param_persistence_threshold`` are never partitioned (DeepSpeed's
-persistent parameters): they behave as in stage 2.
+Units: unit 0 is everything outside the blocks (embedding, positions, final norm, head); units 1..L are
+the transformer blocks, chunk by chunk in forward order when a pipeline stage holds several chunks. A
+block is gathered by its forward pre-hook and released by its forward hook; in training a hook on the
+block's output gradient gathers it again when backward reaches it, and the block is released once its
+buckets' gradients are reduced. While gathering a block, the next blocks of the same chunk (in forward
+order, or in reverse during backward) are prefetched asynchronously up to ``stage3_prefetch_bucket_size``
+elements. Buckets of parameters below ``stage3_param_persistence_threshold`` are never partitioned
+(DeepSpeed's persistent parameters): they behave as in stage 2.
+
+Unit 0 is gathered by the whole model's forward pre-hook, and by pre-hooks on each chunk's ``embed`` and
+``final_norm`` modules: the pipeline executor never calls ``forward()`` but ``embed_tokens`` /
+``run_layers`` / ``loss_sum``, which run those modules before touching any other unit-0 parameter (the
+tied head is read in ``logits`` right after ``final_norm``). Without a pipeline unit 0 is released once its
+gradients of the micro-batch are reduced. With one (``hold_outer``) it stays gathered until the optimizer
+step: the executor interleaves micro-batches, so a later micro-batch's backward through the head may come
+after an earlier one's reduction, and the head's backward needs the weight (no output-gradient hook fires
+before it). The optimizer releases every unit at its step, before the new shards are written, so no gathered
+copy is ever stale.
 """
 
 from __future__ import annotations
@@ -22,10 +31,12 @@ from engine.zero.buckets import ShardedBucket
 
 
 class ParamGatherer:
-    def __init__(self, model: nn.Module, units: list[list[ShardedBucket]], dp_group, *, prefetch_numel: int) -> None:
+    def __init__(self, model: nn.Module, units: list[list[ShardedBucket]], dp_group, *, prefetch_numel: int,
+                 hold_outer: bool = False) -> None:
         self.units = [[b for b in unit if b.partitioned] for unit in units]
         self.dp_group = dp_group
         self.prefetch_numel = prefetch_numel
+        self.hold_outer = hold_outer
         self.in_flight: dict[int, tuple[torch.Tensor, collectives.Handle]] = {}
         self.reduced = [0] * len(units)
         self.unit_of = {id(b): i for i, unit in enumerate(self.units) for b in unit}
@@ -33,10 +44,17 @@ class ParamGatherer:
             for b in unit:
                 b.param_shard = b.master.clone()  # fp32 until the first gather sees the compute dtype
                 b.release()
-        blocks = list(getattr(model, "layers", []))
+        chunks = list(model) if isinstance(model, nn.ModuleList) else [model]
+        blocks = [(c, block) for c, chunk in enumerate(chunks) for block in getattr(chunk, "layers", [])]
+        self.chunk_of = [-1] + [c for c, _ in blocks]  # prefetch never crosses into another chunk
         model.register_forward_pre_hook(lambda m, args: self._gather(0, direction=1))
         model.register_forward_hook(lambda m, args, out: None if torch.is_grad_enabled() else self.release(0))
-        for i, block in enumerate(blocks, start=1):
+        for chunk in chunks:
+            if getattr(chunk, "embed", None) is not None and getattr(chunk, "first", True):
+                chunk.embed.register_forward_pre_hook(lambda m, args: self._gather(0, direction=1))
+            if getattr(chunk, "final_norm", None) is not None:
+                chunk.final_norm.register_forward_pre_hook(lambda m, args: self._gather(0, direction=0))
+        for i, (_, block) in enumerate(blocks, start=1):
             block.register_forward_pre_hook(self._make_pre_hook(i))
             block.register_forward_hook(self._make_post_hook(i))
         model.register_state_dict_pre_hook(lambda m, prefix, keep_vars: self.gather_all())
@@ -71,7 +89,8 @@ class ParamGatherer:
         for b in self.units[unit]:
             self._start(b)
         budget, nxt = self.prefetch_numel if direction else 0, unit + direction
-        while 0 < nxt < len(self.units) and budget > 0:  # unit 0 is gathered by the model's own hook
+        # unit 0 is gathered by its own hooks; from unit 0 the prefetch runs into the first chunk's blocks
+        while 0 < nxt < len(self.units) and budget > 0 and (unit == 0 or self.chunk_of[nxt] == self.chunk_of[unit]):
             for b in self.units[nxt]:
                 if budget <= 0:
                     break
@@ -91,7 +110,7 @@ class ParamGatherer:
     def on_bucket_reduced(self, bucket: ShardedBucket) -> None:
         """All of ``bucket``'s gradients of this backward are reduced: release its unit when complete."""
         unit = self.unit_of.get(id(bucket))
-        if unit is None:
+        if unit is None or (unit == 0 and self.hold_outer):
             return
         self.reduced[unit] += 1
         if self.reduced[unit] == len(self.units[unit]):

@@ -7,12 +7,10 @@ all-reduce its tensor. An all-reduce is a reduce-scatter plus an all-gather (rin
 all-reduce of Psi elements is counted here as 2 Psi, as in Rajbhandari et al. (2019), section 7.
 """
 
-import pathlib
-
 import pytest
 
 from engine.plan import zero_model_state_breakdown
-from tests.core.helpers import make_config, run_losses
+from tests.core.helpers import run_losses
 from tests.multiproc import run_ranks
 from tests.zero.zero_helpers import STAGES, train_worker, zero_config
 
@@ -58,12 +56,3 @@ def test_zero_stages_match_single_device(tmp_path, world, tp):
             if accum == 1:
                 factor = 3 if stage == 3 else 2
                 assert abs(_paper_bytes(stage, dp_bytes) - factor * 4 * psi) <= 0.05 * factor * 4 * psi
-
-
-def test_zero_with_pipeline_is_refused(tmp_path):
-    from engine.errors import ConfigError
-    from engine.zero import check_zero_layout
-
-    cfg = make_config(pathlib.Path(tmp_path), zero_optimization={"stage": 2}, parallel={"pipeline": 2})
-    with pytest.raises(ConfigError, match=r"zero_optimization.stage: ZeRO stage 2 with parallel.pipeline=2"):
-        check_zero_layout(cfg)

@@ -16,7 +16,8 @@ def zero_config(tmp, *, stage: int, tp: int = 1, steps: int = STEPS, **sections)
             "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 20000}
     zero.update(sections.pop("zero_optimization", {}))
     train = {"max_steps": steps, "log_interval": 1, "progress": False, **sections.pop("train", {})}
-    return make_config(tmp, zero_optimization=zero, parallel={"tensor": tp}, train=train, **sections)
+    parallel = {"tensor": tp, **sections.pop("parallel", {})}
+    return make_config(tmp, zero_optimization=zero, parallel=parallel, train=train, **sections)
 
 
 def train_worker(rank, world, args):
