@@ -27,7 +27,7 @@ nothing.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,16 +109,21 @@ class Group:
 class Handle:
     """Wait handle of an asynchronous collective (already complete for size-1 groups)."""
 
-    def __init__(self, works: Sequence[Any] = ()) -> None:
+    def __init__(self, works: Sequence[Any] = (), *, then: Callable[[], Any] | None = None) -> None:
         self._works = [w for w in works if w is not None]
+        self._then = then  # local work that completes the collective once its transfers are done
 
     def wait(self) -> None:
         for work in self._works:
             work.wait()
         self._works = []
+        if self._then is not None:
+            then, self._then = self._then, None
+            then()
 
     def is_completed(self) -> bool:
-        return all(w.is_completed() for w in self._works)
+        """True once the transfers are done and no local completion step is pending (call ``wait()``)."""
+        return self._then is None and all(w.is_completed() for w in self._works)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -183,6 +188,13 @@ def reduce_scatter_tensor_async(
         output.copy_(input)
         return Handle()
     group._count("reduce_scatter", _nbytes(input))
+    if op == "sum" and dist.get_backend(group.pg) == "gloo" and input.is_contiguous():
+        # gloo's reduce-scatter costs milliseconds per call whatever the size (torch 2.13, 2 ranks: 3-4 ms
+        # for 2K fp32, 6-8 ms for 860K); an all-to-all of the input's pieces plus a local sum over the
+        # received pieces moves the same bytes 2-4x faster. Ranks are summed in group order.
+        pieces = torch.empty_like(input)
+        work = dist.all_to_all_single(pieces, input, group=group.pg, async_op=True)
+        return Handle([work], then=lambda: torch.sum(pieces.view(group.size, *output.shape), dim=0, out=output))
     return Handle([_reduce_scatter_single(output, input, op=reduce_op, group=group.pg, async_op=True)])
 
 

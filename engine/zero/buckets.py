@@ -5,6 +5,10 @@ Every bucket is padded to a multiple of the DP size N and rank r owns elements [
 equal-sized collective each (the FSDP flat-parameter layout; Rajbhandari et al. 2019, section 5). A
 rank's shard of the model is the concatenation of its slices of every bucket.
 
+A bucket may mix weight-decay classes (a stage-3 block is one bucket, so one all-gather): its parameters
+are ordered decay first, and ``wd_segments`` lists the shard-local ranges of equal weight decay, which the
+element-wise AdamW update visits one by one (the same arithmetic per element as one update per class).
+
 Per rank a bucket holds: the fp32 master shard and Adam moments (s each), the fp32 gradient (the full
 bucket for stage 1, the shard for stages 2-3), and the compute-dtype parameters (the full bucket as the
 model's storage for stages 1-2 and persistent stage-3 buckets, the shard otherwise).
@@ -24,14 +28,14 @@ def _intersect(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None
 
 
 class ShardedBucket(FlatLayout):
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], *, weight_decay: float, dp_size: int,
-                 dp_rank: int, full_grad: bool, partitioned: bool, unit: int = 0) -> None:
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], *, weight_decay: dict[str, float],
+                 dp_size: int, dp_rank: int, full_grad: bool, partitioned: bool, unit: int = 0) -> None:
         super().__init__(named_params, pad_to=dp_size)
-        self.weight_decay = weight_decay
         self.partitioned = partitioned  # stage 3: the model holds only this rank's shard of the parameters
         self.unit = unit
         self.shard_numel = self.padded_numel // dp_size
         self.lo, self.hi = dp_rank * self.shard_numel, (dp_rank + 1) * self.shard_numel
+        self.wd_segments = self._wd_segments(weight_decay)
         device = self.named_params[0][1].device
         self.master = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
         for p, (a, b), (pa, pb) in self.shard_pieces():
@@ -46,6 +50,25 @@ class ShardedBucket(FlatLayout):
         self.norm_segments: list[tuple[int, int]] = []  # shard-local ranges counted in the gradient norm
         self.tp_sum_segment: tuple[int, int] | None = None  # shard-local replicated range (sequence parallel)
         self.is_embedding = False
+
+    def _wd_segments(self, weight_decay: dict[str, float]) -> list[tuple[int, int, float]]:
+        """Shard-local (lo, hi, weight decay) ranges covering the shard; the padding joins the last range
+        (its gradient and master are zero, so the update leaves it zero)."""
+        runs: list[list] = []
+        for (name, _), off, shape in zip(self.named_params, self.offsets, self.shapes):
+            wd = weight_decay[name]
+            if runs and runs[-1][2] == wd:
+                runs[-1][1] = off + shape.numel()
+            else:
+                runs.append([off, off + shape.numel(), wd])
+        if runs:
+            runs[-1][1] = self.padded_numel
+        out = []
+        for lo, hi, wd in runs:
+            hit = _intersect((lo, hi), (self.lo, self.hi))
+            if hit is not None:
+                out.append((hit[0] - self.lo, hit[1] - self.lo, wd))
+        return out
 
     def shard_pieces(self):
         """(param, shard-local range, range inside the flattened param) for each param this shard touches."""
@@ -101,12 +124,14 @@ class ShardedBucket(FlatLayout):
         return {"params": params, "grads": grads, "optimizer": 3 * 4 * self.shard_numel}
 
 
-def build_buckets(named_params: list[tuple[str, nn.Parameter]], *, weight_decay: float, dp_size: int,
+def build_buckets(named_params: list[tuple[str, nn.Parameter]], *, weight_decay: dict[str, float], dp_size: int,
                   dp_rank: int, bucket_size: int, full_grad: bool, unit: int = 0, partitioned: bool = False,
                   isolate: tuple[str, ...] = ()) -> list[ShardedBucket]:
-    """Buckets of at most ``bucket_size`` elements (at least one parameter each), filled in reverse order
-    (backward produces the last parameters' gradients first). Names in ``isolate`` get a bucket alone:
-    the tied embedding, whose shard must line up between the first and the last pipeline stage."""
+    """Buckets of at most ``bucket_size`` elements (at least one parameter each), filled in reverse model
+    order (backward produces the last parameters' gradients first); inside a bucket the parameters with
+    weight decay come first, so a bucket has at most a few ``wd_segments``. ``weight_decay`` maps every
+    name to its decay. Names in ``isolate`` get a bucket alone: the tied embedding, whose shard must line
+    up between the first and the last pipeline stage."""
     out: list[list] = []
     current: list = []
     for name, p in reversed(named_params):
@@ -119,5 +144,6 @@ def build_buckets(named_params: list[tuple[str, nn.Parameter]], *, weight_decay:
         current.append((name, p))
     if current:
         out.append(current)
-    return [ShardedBucket(members[::-1], weight_decay=weight_decay, dp_size=dp_size, dp_rank=dp_rank,
-                          full_grad=full_grad, unit=unit, partitioned=partitioned) for members in out]
+    ordered = [sorted(members[::-1], key=lambda m: weight_decay[m[0]] == 0.0) for members in out]
+    return [ShardedBucket(members, weight_decay=weight_decay, dp_size=dp_size, dp_rank=dp_rank,
+                          full_grad=full_grad, unit=unit, partitioned=partitioned) for members in ordered]

@@ -8,7 +8,7 @@ from engine.optim.param_groups import split_decay
 from engine.zero.buckets import build_buckets
 from engine.zero.optimizer import ZeroOptimizer
 
-ALL_IN_ONE = 1 << 62  # stage-3 buckets are whole units (one all-gather per layer and decay class)
+ALL_IN_ONE = 1 << 62  # stage-3 buckets are whole units (one all-gather per layer)
 
 
 def check_zero_layout(cfg) -> None:
@@ -54,23 +54,23 @@ def build_zero_optimizer(cfg, ctx, model: nn.Module, grad_sync) -> ZeroOptimizer
     emb = getattr(sync, "embedding_group", None)
     isolate = tuple(n for n, _ in model.named_parameters() if emb is not None and n.endswith("embed.weight"))
     common = dict(dp_size=dp.size, dp_rank=dp.rank, full_grad=stage == 1, isolate=isolate)
+    decay, no_decay = split_decay(list(model.named_parameters()), decay_embeddings=cfg.train.decay_embeddings)
+    decays = {**{n: wd for n, _ in decay}, **{n: 0.0 for n, _ in no_decay}}
+    trained = [(n, p) for n, p in model.named_parameters() if n in decays]
     buckets, units = [], []
     if stage < 3:
-        decay, no_decay = split_decay(list(model.named_parameters()), decay_embeddings=cfg.train.decay_embeddings)
-        for params, w in ((decay, wd), (no_decay, 0.0)):
-            if params:
-                buckets += build_buckets(params, weight_decay=w, bucket_size=zero.reduce_bucket_size, **common)
+        # Decay classes share buckets (per-range weight decay): fewer, larger collectives.
+        buckets = build_buckets(trained, weight_decay=decays, bucket_size=zero.reduce_bucket_size, **common)
     else:
         threshold = zero.stage3_param_persistence_threshold
         for i, named in enumerate(_units(model)):
-            decay, no_decay = split_decay(named, decay_embeddings=cfg.train.decay_embeddings)
             unit = []
-            for params, w in ((decay, wd), (no_decay, 0.0)):
-                for persistent in (False, True):
-                    chosen = [(n, p) for n, p in params if (p.numel() < threshold) == persistent]
-                    if chosen:
-                        unit += build_buckets(chosen, weight_decay=w, bucket_size=ALL_IN_ONE, unit=i,
-                                              partitioned=not persistent, **common)
+            # One partitioned bucket per unit: one all-gather per block before its forward and its backward.
+            for persistent in (False, True):
+                chosen = [(n, p) for n, p in named if n in decays and (p.numel() < threshold) == persistent]
+                if chosen:
+                    unit += build_buckets(chosen, weight_decay=decays, bucket_size=ALL_IN_ONE, unit=i,
+                                          partitioned=not persistent, **common)
             units.append(unit)
             buckets += unit
     gatherer = None

@@ -80,10 +80,12 @@ class ZeroOptimizer:
         p = self.cfg.params
         self.applied_steps += 1
         for b in self.buckets:
-            adamw_update(b.master, b.grad, b.exp_avg, b.exp_avg_sq, lr=lr, beta1=p.betas[0], beta2=p.betas[1],
-                         eps=p.eps, weight_decay=b.weight_decay, step=self.applied_steps,
-                         decoupled=self.cfg.decoupled, bias_correction=p.bias_correction,
-                         grad_scale=clip_coef / loss_scale, use_kernel=self.use_kernels)
+            for lo, hi, wd in b.wd_segments:
+                adamw_update(b.master[lo:hi], b.grad[lo:hi], b.exp_avg[lo:hi], b.exp_avg_sq[lo:hi], lr=lr,
+                             beta1=p.betas[0], beta2=p.betas[1], eps=p.eps, weight_decay=wd,
+                             step=self.applied_steps, decoupled=self.cfg.decoupled,
+                             bias_correction=p.bias_correction, grad_scale=clip_coef / loss_scale,
+                             use_kernel=self.use_kernels)
         self._publish_params()
         self.zero_grad()
         return StepResult(skipped=False, grad_norm=norm, clip_coef=clip_coef)

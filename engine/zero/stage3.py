@@ -7,7 +7,9 @@ block is gathered by its forward pre-hook and released by its forward hook; in t
 block's output gradient gathers it again when backward reaches it, and the block is released once its
 buckets' gradients are reduced. While gathering a block, the next blocks of the same chunk (in forward
 order, or in reverse during backward) are prefetched asynchronously up to ``stage3_prefetch_bucket_size``
-elements. Buckets of parameters below ``stage3_param_persistence_threshold`` are never partitioned
+elements; the last block of a chunk is re-gathered as soon as its forward ends, overlapping the head.
+Each unit is one partitioned bucket (both weight-decay classes), so one all-gather per block and pass.
+Buckets of parameters below ``stage3_param_persistence_threshold`` are never partitioned
 (DeepSpeed's persistent parameters): they behave as in stage 2.
 
 Unit 0 is gathered by the whole model's forward pre-hook, and by pre-hooks on each chunk's ``embed`` and
@@ -66,10 +68,19 @@ class ParamGatherer:
         return lambda m, args: self._gather(unit, direction=1)
 
     def _make_post_hook(self, unit: int):
+        # The last block of a chunk is the first one backward needs, right after the head's forward and
+        # backward: re-gather it now, asynchronously, so that collective overlaps the head instead of
+        # stalling backward's first step (same bytes as gathering it in the output-gradient hook).
+        last = unit + 1 == len(self.units) or self.chunk_of[unit + 1] != self.chunk_of[unit]
+        early = last and not self.hold_outer and self.prefetch_numel > 0
+
         def hook(m, args, out):
             self.release(unit)
             if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
                 out.register_hook(lambda grad: self._gather(unit, direction=-1))
+                if early:
+                    for b in self.units[unit]:
+                        self._start(b)
 
         return hook
 
