@@ -19,10 +19,22 @@ from collections.abc import Sequence
 from engine.errors import ConfigError, cli_main
 
 
+def _is_utf8(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return True
+
+
 def stdlib_sources(max_files: int | None) -> list[str]:
+    """The standard library's .py files, minus site-packages and the few test fixtures that are
+    deliberately not UTF-8 (e.g. test/encoded_modules): prepare refuses non-UTF-8 input."""
     root = sysconfig.get_paths()["stdlib"]
     files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
                    if "site-packages" not in f and os.path.getsize(f) > 0)
+    files = [f for f in (files[:max_files * 2] if max_files else files) if _is_utf8(f)]
     if not files:
         raise ConfigError(f"no Python sources found under {root}", hint="is the standard library installed?")
     return files[:max_files] if max_files else files

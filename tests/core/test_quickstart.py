@@ -19,3 +19,13 @@ def test_quickstart_learns_and_reports(tmp_path, capsys):
     assert len(vals) >= 2 and vals[-1] < vals[0]
     assert (out / "logs" / "loss.png").stat().st_size > 10_000
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000024"
+
+
+def test_corpus_is_the_whole_utf8_stdlib():
+    from engine.quickstart import stdlib_sources
+
+    files = stdlib_sources(None)
+    assert len(files) > 500
+    for path in files:  # prepare refuses non-UTF-8 text, so the default corpus must be clean
+        with open(path, "rb") as fh:
+            fh.read().decode("utf-8")
