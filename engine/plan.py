@@ -34,12 +34,31 @@ def zero_model_state_bytes(params_per_device: float, stage: int, dp: int, *, par
                                           grad_bytes=grad_bytes).values())
 
 
-def zero_comm_elements_per_step(params_per_device: float, stage: int, *, micro_batches: int = 1) -> float:
+def zero_comm_elements_per_step(params_per_device: float, stage: int, *, micro_batches: int = 1,
+                                kept: float = 0.0) -> float:
     """Data-parallel elements moved per rank per step (all-reduce = reduce-scatter + all-gather): 2 Psi for
     stages 0-1; stage 2 reduce-scatters every micro-batch; stage 3 also gathers every layer twice per
-    micro-batch (3 Psi per micro-batch, a little less since the embeddings are gathered once)."""
+    micro-batch (3 Psi per micro-batch, a little less since the embeddings are gathered once), except the
+    ``kept`` elements of blocks that ``stage3_max_reuse_distance`` keeps from forward to backward (once)."""
     p, a = params_per_device, micro_batches
-    return {0: 2 * p, 1: 2 * p, 2: (a + 1) * p, 3: 3 * a * p}[stage]
+    return {0: 2 * p, 1: 2 * p, 2: (a + 1) * p, 3: a * (3 * p - kept)}[stage]
+
+
+def stage3_kept_elements(cfg, *, tp: int, pp: int) -> tuple[int, float]:
+    """(blocks, elements per device) that ``stage3_max_reuse_distance`` and ``stage3_max_live_parameters``
+    keep gathered from forward to backward (engine/zero/live_params.py), on the pipeline stage that computes
+    the head: its blocks and its outer unit (the embedding table or head, and on one stage the rest)."""
+    from engine.model.transformer import count_parameters
+    from engine.zero.live_params import kept_blocks
+
+    m, zero = cfg.model, cfg.zero_optimization
+    counts = count_parameters(m)
+    block = counts["non_embedding"] / (m.n_layers * tp)
+    outer = counts["embedding"] / tp if pp == 1 else m.vocab_size * m.d_model / tp
+    numel = [int(outer)] + [int(block)] * -(-m.n_layers // pp)
+    kept = kept_blocks(numel, computes_head=True, max_reuse_distance=zero.stage3_max_reuse_distance,
+                       max_live=zero.stage3_max_live_parameters)
+    return len(kept), float(sum(numel[u] for u in kept))
 
 
 def activation_bytes_per_layer(*, seq: int, micro_batch: int, hidden: int, heads: int, tp: int,
@@ -103,13 +122,16 @@ def plan(cfg, *, world_size: int, tokens: float | None, mfu: float, peak_tflops:
         f"model-state memory per device ({pbytes} bytes params + 4 fp32 grads + 12 Adam states per param; "
         f"ZeRO over dp={dp}) and DP traffic per step:",
     ]
+    n_kept, kept = stage3_kept_elements(cfg, tp=tp, pp=pp)
     for stage in range(4):
         mark = " <- configured" if stage == cfg.zero_optimization.stage else ""
         parts = zero_model_state_breakdown(per_device, stage, dp, param_bytes=pbytes)
-        comm = zero_comm_elements_per_step(per_device, stage, micro_batches=batch.grad_accum) if dp > 1 else 0
+        comm = zero_comm_elements_per_step(per_device, stage, micro_batches=batch.grad_accum,
+                                           kept=kept) if dp > 1 else 0
+        note = f" ({n_kept} blocks kept gathered forward to backward)" if stage == 3 and n_kept else ""
         lines.append(f"  ZeRO stage {stage}     {_fmt_bytes(sum(parts.values()))} (params "
                      f"{_fmt_bytes(parts['params'])}, grads {_fmt_bytes(parts['grads'])}, optimizer "
-                     f"{_fmt_bytes(parts['optimizer'])}); DP comm ~{_fmt_count(comm)} elements{mark}")
+                     f"{_fmt_bytes(parts['optimizer'])}); DP comm ~{_fmt_count(comm)} elements{note}{mark}")
     layers_per_stage = -(-m.n_layers // pp)
     act = activation_bytes_per_layer(seq=m.seq_len, micro_batch=batch.micro_batch, hidden=m.d_model,
                                      heads=m.n_heads, tp=tp, sequence_parallel=par.sequence_parallel,

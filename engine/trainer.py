@@ -56,6 +56,13 @@ class Trainer:
         # The optimizer copies fp32 masters from the fp32 init before the model is cast down.
         self.optimizer = build_optimizer(cfg, ctx, self.model, grad_sync)
         self.model.to(COMPUTE_DTYPES[cfg.dtype_name])
+        if hasattr(self.optimizer, "flatten_compute_params"):
+            self.optimizer.flatten_compute_params()
+        if cfg.train.cuda_graphs:
+            from engine.model.graphs import GraphedModel, check_supported
+
+            check_supported(cfg, ctx.device)
+            self.runner.model = GraphedModel(self.model)  # captured on the first training micro-batch
         self.guard = RollbackGuard(cfg)
         self.scaler = build_loss_scaler(cfg.fp16, raise_at_floor=not self.guard.handles_scale_collapse)
         self.schedule = LRSchedule(cfg.scheduler, base_lr=cfg.optimizer.params.lr)

@@ -11,6 +11,8 @@ benchmark launches would corrupt it. Block size and warps follow the row length 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -34,37 +36,56 @@ def _norm_fwd_kernel(
     IS_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,  # N <= BLOCK_N: one block per row, no chunk loop
 ):
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
     Y += row * stride_y
-    mean = 0.0
-    if not IS_RMS:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            acc += tl.load(X + cols, mask=cols < N, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / N
-    # second pass on centred values: numerically safer than E[x^2] - E[x]^2
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        x = tl.load(X + cols, mask=cols < N, other=0.0).to(tl.float32)
-        x = tl.where(cols < N, x - mean, 0.0)
-        acc += x * x
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
-    if not IS_RMS:
-        tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    if SINGLE:
+        # the whole row fits one block: read x once and keep it in registers
+        cols = tl.arange(0, BLOCK_N)
         mask = cols < N
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (x - mean) * rstd * w
+        mean = 0.0
+        if not IS_RMS:
+            mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        if not IS_RMS:
+            tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+        y = xc * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        mean = 0.0
+        if not IS_RMS:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                acc += tl.load(X + cols, mask=cols < N, other=0.0).to(tl.float32)
+            mean = tl.sum(acc, axis=0) / N
+        # second pass on centred values: numerically safer than E[x^2] - E[x]^2
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            x = tl.load(X + cols, mask=cols < N, other=0.0).to(tl.float32)
+            x = tl.where(cols < N, x - mean, 0.0)
+            acc += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        if not IS_RMS:
+            tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd * w
+            if HAS_BIAS:
+                y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -86,67 +107,115 @@ def _norm_bwd_kernel(
     IS_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,  # N <= BLOCK_N: rows held in registers, dweight/dbias summed there
+    STAGES: tl.constexpr,  # software-pipelining depth of the row loop (SINGLE path)
 ):
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     DW_PART += pid.to(tl.int64) * N
     DB_PART += pid.to(tl.int64) * N
-    for row in range(row_start, row_end):
-        x_row = X + row * stride_x
-        dy_row = DY + row * stride_dy
-        dx_row = DX + row * stride_dx
-        mean = 0.0
-        if not IS_RMS:
-            mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        # dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)); the last term only for LayerNorm
-        acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = cols < N
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            wdy = w * dy  # zero on masked columns, so the sums need no extra masking
-            acc1 += (x - mean) * rstd * wdy
-            acc2 += wdy
-        c1 = tl.sum(acc1, axis=0) / N
-        c2 = tl.sum(acc2, axis=0) / N
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = cols < N
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mean) * rstd
+    if SINGLE:
+        # whole rows in registers: x and dy read once per row, dweight/dbias summed in registers and
+        # written once per program
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # STAGES > 1 lets the compiler prefetch the next rows' x and dy while this row reduces
+        for row in tl.range(row_start, row_end, num_stages=STAGES):
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = 0.0
+            if not IS_RMS:
+                mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            wdy = w * dy
+            c1 = tl.sum(xhat * wdy, axis=0) / N
             if IS_RMS:
-                dx = (w * dy - xhat * c1) * rstd
+                dx = (wdy - xhat * c1) * rstd
             else:
-                dx = (w * dy - xhat * c1 - c2) * rstd
-            tl.store(dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            # this program owns row pid of the partial buffers: plain read-add-write, no race
-            dw = tl.load(DW_PART + cols, mask=mask, other=0.0) + dy * xhat
-            tl.store(DW_PART + cols, dw, mask=mask)
+                c2 = tl.sum(wdy, axis=0) / N
+                dx = (wdy - xhat * c1 - c2) * rstd
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += dy * xhat
             if HAS_BIAS:
-                db = tl.load(DB_PART + cols, mask=mask, other=0.0) + dy
-                tl.store(DB_PART + cols, db, mask=mask)
+                db_acc += dy
+        tl.store(DW_PART + cols, dw_acc, mask=mask)
+        if HAS_BIAS:
+            tl.store(DB_PART + cols, db_acc, mask=mask)
+    else:
+        for row in range(row_start, row_end):
+            x_row = X + row * stride_x
+            dy_row = DY + row * stride_dy
+            dx_row = DX + row * stride_dx
+            mean = 0.0
+            if not IS_RMS:
+                mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            # dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)); the last term only for LayerNorm
+            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                wdy = w * dy  # zero on masked columns, so the sums need no extra masking
+                acc1 += (x - mean) * rstd * wdy
+                acc2 += wdy
+            c1 = tl.sum(acc1, axis=0) / N
+            c2 = tl.sum(acc2, axis=0) / N
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = (x - mean) * rstd
+                if IS_RMS:
+                    dx = (w * dy - xhat * c1) * rstd
+                else:
+                    dx = (w * dy - xhat * c1 - c2) * rstd
+                tl.store(dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                # this program owns row pid of the partial buffers: plain read-add-write, no race
+                dw = tl.load(DW_PART + cols, mask=mask, other=0.0) + dy * xhat
+                tl.store(DW_PART + cols, dw, mask=mask)
+                if HAS_BIAS:
+                    db = tl.load(DB_PART + cols, mask=mask, other=0.0) + dy
+                    tl.store(DB_PART + cols, db, mask=mask)
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
 
 
 def _launch_config(n: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for rows of length n."""
     if interpreting():
-        # small chunks so that tiny test shapes still walk the multi-chunk loop
+        # small chunks so that tiny test shapes still walk the multi-chunk loop (rows up to 64: one block)
         return min(triton.next_power_of_2(n), 64), 1
-    block = min(triton.next_power_of_2(n), 4096)
-    return block, min(max(block // 256, 1), 8)
+    block = min(triton.next_power_of_2(n), 8192)
+    return block, min(max(block // 512, 1), 16)
+
+
+# Backward launch settings, from tools/gpu_norm_sweep.py on an H100 (16384 x 4096 bf16): the row loop is
+# latency-bound, so wide programs (16 warps), few partial rows and a 2-deep prefetch of the next row did
+# best among warps {8, 16} x partials/SM {1, 2, 4} x stages {1, 2, 3}.
+PARTIALS_PER_SM = 2
+BWD_STAGES = 2
+BWD_WARPS: int | None = None  # None: twice the forward's, at most 16
 
 
 def _num_partials(m: int, device: torch.device) -> int:
     """How many programs (and fp32 partial rows) the backward uses."""
     if device.type == "cuda":
-        return max(1, min(m, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+        return max(1, min(m, PARTIALS_PER_SM * _sm_count(device.index)))
     return max(1, min(m, 4))
 
 
@@ -183,6 +252,7 @@ class _NormFunction(torch.autograd.Function):
             IS_RMS=is_rms,
             HAS_BIAS=bias is not None,
             BLOCK_N=block,
+            SINGLE=n <= block,
             num_warps=warps,
         )
         ctx.save_for_backward(x2, weight, mean, rstd)
@@ -218,7 +288,9 @@ class _NormFunction(torch.autograd.Function):
             IS_RMS=ctx.is_rms,
             HAS_BIAS=ctx.has_bias,
             BLOCK_N=block,
-            num_warps=warps,
+            SINGLE=n <= block,
+            STAGES=1 if interpreting() else BWD_STAGES,
+            num_warps=warps if interpreting() else (BWD_WARPS or min(2 * warps, 16)),
         )
         dw = dw_part.sum(0).to(weight.dtype)
         db = db_part.sum(0).to(weight.dtype) if ctx.has_bias else None

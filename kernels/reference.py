@@ -113,11 +113,14 @@ def adamw_(
     grad_scale: float = 1.0,
     out: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
-    """torch.optim.AdamW's single-tensor math on flat fp32 tensors; skipped when any grad is non-finite."""
+    """torch.optim.AdamW's single-tensor math on flat fp32 tensors; skipped when any grad is non-finite
+    (``check_finite``) or ``found_inf`` is raised."""
     g = grad.float() * (1.0 / grad_scale)
     flag = torch.zeros(1, dtype=torch.float32, device=param.device) if found_inf is None else found_inf
-    flag.copy_(torch.maximum(flag, (~torch.isfinite(g)).any().float().reshape(1)))
+    if check_finite:
+        flag.copy_(torch.maximum(flag, (~torch.isfinite(g)).any().float().reshape(1)))
     if flag.item() > 0:
         return flag
     param.mul_(1 - lr * weight_decay)

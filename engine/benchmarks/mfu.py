@@ -3,6 +3,8 @@
 End-to-end single-device training throughput of Trident (its kernels on CUDA) beside a plain-PyTorch
 baseline of the same model (SDPA, fused AdamW, autocast, torch.compile when available), measured in the
 same run: tokens/s, achieved TFLOP/s, MFU against the device's dense peak, peak memory, and the ratio.
+On CUDA, Trident runs twice: with ``train.cuda_graphs`` (forward and backward replayed as CUDA graphs)
+and eagerly.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: device table)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="baseline without torch.compile")
+    p.add_argument("--no-graphs", action="store_true", help="skip the train.cuda_graphs row (CUDA only)")
     args = p.parse_args(argv)
     if args.model not in PRESETS:
         raise ConfigError(f"--model: '{args.model}' is not one of {', '.join(PRESETS)}")
@@ -125,7 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if cuda else "CPU (no CUDA device: GPU figures are unmeasured)"
     print(f"device: {device}; torch {torch.__version__}; model {args.model} ({layers}x{d}, {heads} heads), "
           f"seq {args.seq}, micro-batch {args.micro_batch}, {cfg.dtype_name}; peak {peak or 'unknown'} TFLOP/s")
-    rows = [("trident", *measure_trident(raw, steps=args.steps, warmup=args.warmup))]
+    rows = []
+    if cuda and not args.no_graphs:
+        graphed = {**raw, "train": {**raw["train"], "cuda_graphs": True}}
+        rows.append(("trident + CUDA graphs", *measure_trident(graphed, steps=args.steps, warmup=args.warmup)))
+        torch.cuda.empty_cache()
+    rows.append(("trident", *measure_trident(raw, steps=args.steps, warmup=args.warmup)))
     if not args.no_baseline:
         compile_ok = cuda and not args.no_compile and hasattr(torch, "compile")
         rows.append((f"pytorch{' + compile' if compile_ok else ''}",
@@ -136,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tflops = tokens / step_s * fpt / 1e12
         util = f"{tflops / peak:.1%}" if peak else "n/a"
         print(f"| {name} | {step_s:.4f} | {tokens / step_s:,.0f} | {tflops:.3f} | {util} | {mem / 2**30:.2f} |")
-    if len(rows) == 2:
-        print(f"trident / baseline throughput: {rows[1][1] / rows[0][1]:.2f}x")
+    if not args.no_baseline:
+        for name, step_s, _ in rows[:-1]:
+            print(f"{name} / baseline throughput: {rows[-1][1] / step_s:.2f}x")
     return 0

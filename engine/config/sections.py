@@ -91,27 +91,40 @@ class ZeroConfig:
     stage: int = field(0, doc="ZeRO stage: 0 (plain DP), 1 (optimizer states), 2 (+gradients), 3 (+parameters)",
                        min=0, max=3)
     reduce_bucket_size: int = field(500_000_000, doc="elements per gradient reduction bucket", min=1)
-    allgather_bucket_size: int = field(500_000_000, doc="elements per parameter all-gather bucket", min=1)
-    overlap_comm: bool = field(False, doc="overlap gradient reduction with backward")
-    contiguous_gradients: bool = field(True, doc="copy gradients into a contiguous buffer as produced")
-    reduce_scatter: bool = field(True, doc="reduce gradients with reduce-scatter (else all-reduce)")
-    allgather_partitions: bool = field(True, doc="all-gather updated partitions (else broadcast)")
-    round_robin_gradients: bool = field(False, doc="accepted for compatibility (no effect on results)")
+    allgather_bucket_size: int = field(500_000_000, doc="stages 1-2: at most this many elements per post-step "
+                                       "parameter all-gather (larger buckets are gathered in pieces)", min=1)
+    overlap_comm: bool = field(False, doc="overlap gradient reduction with backward (stages 2-3 reduce a bucket "
+                                          "block by block as backward completes them)")
+    contiguous_gradients: bool = field(True, doc="must be true: gradients always accumulate into contiguous flat "
+                                                 "buffers", choices=(True,))
+    reduce_scatter: bool = field(True, doc="must be true: stages 1-3 always reduce-scatter gradients (DeepSpeed's "
+                                           "false all-reduces them instead)", choices=(True,))
+    allgather_partitions: bool = field(True, doc="must be true: updated partitions are always all-gathered "
+                                                 "(DeepSpeed's false broadcasts them instead)", choices=(True,))
+    round_robin_gradients: bool = field(False, doc="no effect: in DeepSpeed it only changes how gradients are "
+                                                   "copied to CPU for offload, which Trident does not have")
     stage3_prefetch_bucket_size: int = field(50_000_000, doc="stage 3: elements to prefetch ahead", min=0,
                                              alias="prefetch_bucket_size")
     stage3_param_persistence_threshold: int = field(100_000, doc="stage 3: params smaller stay whole", min=0,
                                                     alias="param_persistence_threshold")
-    stage3_max_live_parameters: int = field(1_000_000_000, doc="stage 3: cap on gathered elements", min=1,
+    stage3_max_live_parameters: int = field(1_000_000_000, doc="stage 3: gathered elements alive at once "
+                                            "(prefetch and kept blocks stop at it; the block computed is "
+                                            "always gathered)", min=1,
                                             alias="max_live_parameters")
-    stage3_max_reuse_distance: int = field(1_000_000_000, doc="stage 3: keep params reused this soon", min=0,
+    stage3_max_reuse_distance: int = field(1_000_000_000, doc="stage 3: a block used again within this many "
+                                           "gathered elements stays gathered from its forward to its "
+                                           "backward (0: always released)", min=0,
                                            alias="max_reuse_distance")
     stage3_gather_16bit_weights_on_model_save: bool = field(False, doc="stage 3: save a gathered 16-bit model",
                                                             alias="gather_16bit_weights_on_model_save")
-    sub_group_size: int = field(1_000_000_000, doc="accepted for compatibility (optimizer step granularity)",
+    sub_group_size: int = field(1_000_000_000, doc="no effect: DeepSpeed steps the optimizer in sub-groups to bound "
+                                "its temporaries; Trident's fused AdamW updates the shard in place without any",
                                 min=1)
     load_from_fp32_weights: bool = field(True, doc="restore masters from fp32 copies on load")
-    elastic_checkpoint: bool = field(False, doc="accepted for compatibility")
-    ignore_unused_parameters: bool = field(True, doc="accepted for compatibility")
+    elastic_checkpoint: bool = field(False, doc="no effect: checkpoints always load at another data-parallel "
+                                                "size (resharded on load)")
+    ignore_unused_parameters: bool = field(True, doc="must be true: parameters that get no gradient keep a zero "
+                                                     "gradient (DeepSpeed's false raises instead)", choices=(True,))
 
 
 @dataclass(frozen=True)
@@ -259,6 +272,8 @@ class TrainConfig:
     progress: bool = field(True, doc="live progress bar on rank 0")
     device: Literal["auto", "cpu", "cuda"] = field("auto", doc="auto: cuda when available")
     init_from_hf: str | None = field(None, doc="start from a local Hugging Face GPT-2/Llama checkpoint directory")
+    cuda_graphs: bool = field(False, doc="replay each micro-batch's forward and backward as CUDA graphs (removes "
+                                         "the host's launch overhead; CUDA, pp=1, tp=1, no dropout, ZeRO <= 2)")
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,27 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: Gro
     return output
 
 
+def all_gather_in_pieces_async(output: torch.Tensor, input: torch.Tensor, group: Group, *,
+                               max_numel: int) -> Handle:
+    """``all_gather_into_tensor_async`` of 1-D tensors as collectives of at most ``max_numel`` gathered
+    elements each (DeepSpeed's ``allgather_bucket_size``; at least one element per rank): piece k gathers
+    elements [k*c, (k+1)*c) of every rank's ``input`` (c = max_numel // size) into their places in
+    ``output`` through the list form of all-gather, whose outputs are views. Counted like the whole."""
+    n = input.numel()
+    if output.dim() != 1 or input.dim() != 1 or output.numel() != n * group.size:
+        raise ValueError(f"all_gather output {tuple(output.shape)} != {group.size} x input {tuple(input.shape)}")
+    c = max(1, max_numel // group.size)
+    if group.size == 1 or c >= n:
+        return all_gather_into_tensor_async(output, input, group)
+    works = []
+    for lo in range(0, n, c):
+        hi = min(lo + c, n)
+        outs = [output[r * n + lo:r * n + hi] for r in range(group.size)]
+        group._count("all_gather", _nbytes(input[lo:hi]) * group.size)
+        works.append(dist.all_gather(outs, input[lo:hi], group=group.pg, async_op=True))
+    return Handle(works)
+
+
 def reduce_scatter_tensor_async(
     output: torch.Tensor, input: torch.Tensor, group: Group, *, op: str = "sum"
 ) -> Handle:
@@ -203,6 +224,28 @@ def reduce_scatter_tensor(
 ) -> torch.Tensor:
     reduce_scatter_tensor_async(output, input, group, op=op).wait()
     return output
+
+
+def reduce_scatter_uneven_async(output: torch.Tensor, input: torch.Tensor, splits: Sequence[int],
+                                group: Group) -> Handle:
+    """Sum-reduce-scatter with per-rank sizes: ``input`` (1-D) is the concatenation over ranks q of the
+    ``splits[q]`` elements destined to q (the same ``splits`` on every rank), and ``output`` (``splits[rank]``
+    elements) receives the sum over ranks of their parts for this rank. Neither gloo nor NCCL has a
+    reduce-scatter-v: an all-to-all with those splits plus a local sum in group order, counted as a
+    reduce-scatter of ``input``."""
+    if input.dim() != 1 or input.numel() != sum(splits) or len(splits) != group.size:
+        raise ValueError(f"reduce_scatter input of {input.numel()} elements != splits {list(splits)}")
+    n = splits[group.rank]
+    if output.numel() != n:
+        raise ValueError(f"reduce_scatter output of {output.numel()} elements != this rank's split {n}")
+    if group.size == 1:
+        output.copy_(input)
+        return Handle()
+    group._count("reduce_scatter", _nbytes(input))
+    pieces = torch.empty(group.size * n, dtype=input.dtype, device=input.device)
+    work = dist.all_to_all_single(pieces, input, output_split_sizes=[n] * group.size,
+                                  input_split_sizes=list(splits), group=group.pg, async_op=True)
+    return Handle([work], then=lambda: torch.sum(pieces.view(group.size, n), dim=0, out=output))
 
 
 def all_gather(tensor: torch.Tensor, group: Group) -> list[torch.Tensor]:

@@ -107,8 +107,9 @@ class Transformer(nn.Module):
         if self.use_kernels and group_size(self.tp_group) == 1 and self.padded_vocab == self.cfg.vocab_size:
             import kernels
 
+            # the logits are dead after the loss: their storage takes the gradient (no second V-wide tensor)
             return kernels.cross_entropy(logits.flatten(0, 1), targets.t().flatten(),
-                                         ignore_index=IGNORE_INDEX, reduction="sum")
+                                         ignore_index=IGNORE_INDEX, reduction="sum", inplace_backward=True)
         losses = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.t().flatten(), group=self.tp_group,
                                               vocab_start=start, vocab_size=self.cfg.vocab_size,
                                               ignore_index=IGNORE_INDEX)

@@ -70,9 +70,31 @@ class FlatGroup(FlatLayout):
             self.master[off:off + p.numel()].copy_(p.detach().reshape(-1))
         self.grad = torch.zeros_like(self.master)
 
+    compute: torch.Tensor | None = None  # flat compute-dtype storage the parameters alias, when set
+
+    def alias_params_to_compute(self) -> None:
+        """Give the (already cast to bf16/fp16) parameters one flat storage of their dtype, so that the
+        copy-back after a step is one copy (or is fused into the AdamW kernel) instead of one per tensor."""
+        dtypes = {p.dtype for _, p in self.named_params}
+        if len(dtypes) != 1 or dtypes == {torch.float32}:
+            return
+        self.compute = torch.zeros(self.padded_numel, dtype=dtypes.pop(), device=self.master.device)
+        with torch.no_grad():
+            for p, view in self.views(self.compute):
+                view.copy_(p.data)
+                p.data = view
+
+    def compute_aliased(self) -> bool:
+        """Whether every parameter still lives in ``compute`` (nothing replaced its storage since)."""
+        return self.compute is not None and all(
+            p.data_ptr() == view.data_ptr() for p, view in self.views(self.compute))
+
     def copy_master_to_params(self) -> None:
         """Copy the masters into parameters that do not alias them (e.g. after the cast to bf16/fp16)."""
         with torch.no_grad():
+            if self.compute_aliased():
+                self.compute.copy_(self.master)
+                return
             for p, view in self.views(self.master):
                 if p.data_ptr() != view.data_ptr():
                     p.copy_(view)

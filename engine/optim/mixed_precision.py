@@ -79,6 +79,11 @@ class MixedPrecisionOptimizer:
         return {"params": params, "grads": sum(g.grad.numel() * 4 for g in self.groups),
                 "optimizer": master + sum(8 * g.master.numel() for g in self.groups)}
 
+    def flatten_compute_params(self) -> None:
+        """After the model's cast to bf16/fp16: one flat compute buffer per group (see FlatGroup)."""
+        for g in self.groups:
+            g.alias_params_to_compute()
+
     def zero_grad(self) -> None:
         for g in self.groups:
             g.grad.zero_()
@@ -109,11 +114,13 @@ class MixedPrecisionOptimizer:
         p = self.cfg.params
         self.applied_steps += 1
         for g in self.groups:
+            fused_out = g.compute if self.use_kernels and g.compute_aliased() else None
             adamw_update(g.master, g.grad, g.exp_avg, g.exp_avg_sq, lr=lr, beta1=p.betas[0], beta2=p.betas[1],
                          eps=p.eps, weight_decay=g.weight_decay, step=self.applied_steps,
                          decoupled=self.cfg.decoupled, bias_correction=p.bias_correction,
-                         grad_scale=clip_coef / loss_scale, use_kernel=self.use_kernels)
-            g.copy_master_to_params()
+                         grad_scale=clip_coef / loss_scale, use_kernel=self.use_kernels, out=fused_out)
+            if fused_out is None:
+                g.copy_master_to_params()
         self.zero_grad()
         return StepResult(skipped=False, grad_norm=norm, clip_coef=clip_coef)
 

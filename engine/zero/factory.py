@@ -58,12 +58,14 @@ def build_zero_optimizer(cfg, ctx, model: nn.Module, grad_sync) -> ZeroOptimizer
     decays = {**{n: wd for n, _ in decay}, **{n: 0.0 for n, _ in no_decay}}
     trained = [(n, p) for n, p in model.named_parameters() if n in decays]
     buckets, units = [], []
+    named_units = _units(model)
+    unit_of = {id(p): i for i, named in enumerate(named_units) for _, p in named}  # stage-2 reduce pieces
     if stage < 3:
         # Decay classes share buckets (per-range weight decay): fewer, larger collectives.
         buckets = build_buckets(trained, weight_decay=decays, bucket_size=zero.reduce_bucket_size, **common)
     else:
         threshold = zero.stage3_param_persistence_threshold
-        for i, named in enumerate(_units(model)):
+        for i, named in enumerate(named_units):
             unit = []
             # One partitioned bucket per unit: one all-gather per block before its forward and its backward.
             for persistent in (False, True):
@@ -78,8 +80,10 @@ def build_zero_optimizer(cfg, ctx, model: nn.Module, grad_sync) -> ZeroOptimizer
         from engine.zero.stage3 import ParamGatherer
 
         gatherer = ParamGatherer(model, units, dp, prefetch_numel=zero.stage3_prefetch_bucket_size,
+                                 max_live_numel=zero.stage3_max_live_parameters,
+                                 max_reuse_distance=zero.stage3_max_reuse_distance,
                                  hold_outer=cfg.parallel.pipeline > 1)
     return ZeroOptimizer(buckets, cfg.optimizer, stage=stage, clip=cfg.gradient_clipping, grad_sync=sync,
                          dp_group=dp, micro_batches=resolve_batch(cfg, ctx.dp_size).grad_accum,
                          overlap_comm=zero.overlap_comm, use_kernels=use_kernels(cfg, ctx.device),
-                         gatherer=gatherer)
+                         gatherer=gatherer, allgather_bucket_size=zero.allgather_bucket_size, unit_of=unit_of)

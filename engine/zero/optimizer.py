@@ -4,8 +4,9 @@ One step: wait for the bucket reduce-scatters (engine/zero/reducer.py) -> sum re
 TP / the embedding group -> the squared gradient norm of this rank's shards, summed over DP (disjoint
 shards) and TP x PP (replicas counted once, DistGradSync.norm_ranges) -> skip on inf/nan, identically on
 every rank since all see the same sum -> clip -> AdamW on the fp32 master shards -> the new compute-dtype
-parameters: all-gathered into the model's buffers (stages 1-2, persistent stage-3 buckets) or kept as
-this rank's shard (stage 3, gathered by engine/zero/stage3.py when a layer runs).
+parameters: all-gathered into the model's buffers (stages 1-2, persistent stage-3 buckets; in collectives of
+at most ``allgather_bucket_size`` elements, DeepSpeed's meaning) or kept as this rank's shard (stage 3,
+gathered by engine/zero/stage3.py when a layer runs).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from engine.zero.reducer import BucketReducer
 
 class ZeroOptimizer:
     def __init__(self, buckets: list[ShardedBucket], opt_cfg, *, stage: int, clip: float, grad_sync, dp_group,
-                 micro_batches: int, overlap_comm: bool, use_kernels: bool = False, gatherer=None) -> None:
+                 micro_batches: int, overlap_comm: bool, use_kernels: bool = False, gatherer=None,
+                 allgather_bucket_size: int = 1 << 62, unit_of: dict[int, int] | None = None) -> None:
         self.buckets = buckets
         self.cfg = opt_cfg
         self.stage = stage
@@ -32,6 +34,7 @@ class ZeroOptimizer:
         self.dp_group = dp_group
         self.use_kernels = use_kernels
         self.gatherer = gatherer
+        self.allgather_bucket_size = allgather_bucket_size
         self.applied_steps = 0
         for b in buckets:
             b.norm_segments = b.to_shard_ranges(grad_sync.norm_ranges(b))
@@ -42,7 +45,7 @@ class ZeroOptimizer:
             b.is_embedding = emb is not None and grad_sync._embedding_range(b) is not None
         done = gatherer.on_bucket_reduced if gatherer is not None else None
         self.reducer = BucketReducer(buckets, dp_group, stage=stage, micro_batches=micro_batches,
-                                     overlap=overlap_comm, on_bucket_done=done)
+                                     overlap=overlap_comm, on_bucket_done=done, unit_of=unit_of)
 
     def zero_grad(self) -> None:
         for b in self.buckets:
@@ -98,7 +101,8 @@ class ZeroOptimizer:
             b.own_params()
             local = b.param_full[b.lo:b.hi]
             local.copy_(b.master)
-            handles.append(collectives.all_gather_into_tensor_async(b.param_full, local, self.dp_group))
+            handles.append(collectives.all_gather_in_pieces_async(b.param_full, local, self.dp_group,
+                                                                  max_numel=self.allgather_bucket_size))
         for h in handles:
             h.wait()
         if self.gatherer is not None:

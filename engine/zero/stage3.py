@@ -12,6 +12,13 @@ Each unit is one partitioned bucket (both weight-decay classes), so one all-gath
 Buckets of parameters below ``stage3_param_persistence_threshold`` are never partitioned
 (DeepSpeed's persistent parameters): they behave as in stage 2.
 
+DeepSpeed's two other stage-3 knobs (engine/zero/live_params.py): a block used again within
+``stage3_max_reuse_distance`` gathered elements (the last blocks: their backward follows their forward
+closely) is not released after its forward, which saves its backward all-gather; and prefetching stops where
+the next gather would put more than ``stage3_max_live_parameters`` gathered elements alive (``live_numel``,
+counting gathers in flight; its high-water mark is ``peak_live_numel``). A unit that is about to be
+computed is gathered whatever the cap.
+
 Unit 0 is gathered by the whole model's forward pre-hook, and by pre-hooks on each chunk's ``embed`` and
 ``final_norm`` modules: the pipeline executor never calls ``forward()`` but ``embed_tokens`` /
 ``run_layers`` / ``loss_sum``, which run those modules before touching any other unit-0 parameter (the
@@ -30,15 +37,21 @@ from torch import nn
 
 from engine.dist import collectives
 from engine.zero.buckets import ShardedBucket
+from engine.zero.live_params import kept_blocks
+
+UNBOUNDED = 1 << 62
 
 
 class ParamGatherer:
     def __init__(self, model: nn.Module, units: list[list[ShardedBucket]], dp_group, *, prefetch_numel: int,
-                 hold_outer: bool = False) -> None:
+                 max_live_numel: int = UNBOUNDED, max_reuse_distance: int = 0, hold_outer: bool = False) -> None:
         self.units = [[b for b in unit if b.partitioned] for unit in units]
         self.dp_group = dp_group
         self.prefetch_numel = prefetch_numel
+        self.max_live_numel = max_live_numel
         self.hold_outer = hold_outer
+        self.live_numel = 0  # gathered elements alive (bound to the model or in flight)
+        self.peak_live_numel = 0
         self.in_flight: dict[int, tuple[torch.Tensor, collectives.Handle]] = {}
         self.reduced = [0] * len(units)
         self.unit_of = {id(b): i for i, unit in enumerate(self.units) for b in unit}
@@ -49,6 +62,10 @@ class ParamGatherer:
         chunks = list(model) if isinstance(model, nn.ModuleList) else [model]
         blocks = [(c, block) for c, chunk in enumerate(chunks) for block in getattr(chunk, "layers", [])]
         self.chunk_of = [-1] + [c for c, _ in blocks]  # prefetch never crosses into another chunk
+        numel = [sum(b.padded_numel for b in unit) for unit in self.units]
+        computes_head = any(getattr(chunk, "final_norm", None) is not None for chunk in chunks)
+        self.kept = kept_blocks(numel, computes_head=computes_head, max_reuse_distance=max_reuse_distance,
+                                max_live=max_live_numel)
         model.register_forward_pre_hook(lambda m, args: self._gather(0, direction=1))
         model.register_forward_hook(lambda m, args, out: None if torch.is_grad_enabled() else self.release(0))
         for chunk in chunks:
@@ -72,23 +89,35 @@ class ParamGatherer:
         # backward: re-gather it now, asynchronously, so that collective overlaps the head instead of
         # stalling backward's first step (same bytes as gathering it in the output-gradient hook).
         last = unit + 1 == len(self.units) or self.chunk_of[unit + 1] != self.chunk_of[unit]
-        early = last and not self.hold_outer and self.prefetch_numel > 0
+        kept = unit in self.kept
+        early = last and not kept and not self.hold_outer and self.prefetch_numel > 0
 
         def hook(m, args, out):
-            self.release(unit)
-            if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
+            training = torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad
+            if not (training and kept):  # a kept block stays gathered until its gradients are reduced
+                self.release(unit)
+            if training:
                 out.register_hook(lambda grad: self._gather(unit, direction=-1))
                 if early:
                     for b in self.units[unit]:
+                        if not self._fits(b):
+                            break
                         self._start(b)
 
         return hook
 
     # ------------------------------------------------------------------ gathering
 
+    def _fits(self, bucket: ShardedBucket) -> bool:
+        """Whether prefetching ``bucket`` keeps the gathered elements within ``stage3_max_live_parameters``."""
+        live = id(bucket) in self.in_flight or bucket.param_full is not None
+        return live or self.live_numel + bucket.padded_numel <= self.max_live_numel
+
     def _start(self, bucket: ShardedBucket) -> None:
         if id(bucket) in self.in_flight or bucket.param_full is not None:
             return
+        self.live_numel += bucket.padded_numel
+        self.peak_live_numel = max(self.peak_live_numel, self.live_numel)
         dtype = bucket.compute_dtype()
         if bucket.param_shard.dtype != dtype:  # the trainer cast the model after building the optimizer
             bucket.param_shard = bucket.master.to(dtype)
@@ -103,7 +132,8 @@ class ParamGatherer:
         # unit 0 is gathered by its own hooks; from unit 0 the prefetch runs into the first chunk's blocks
         while 0 < nxt < len(self.units) and budget > 0 and (unit == 0 or self.chunk_of[nxt] == self.chunk_of[unit]):
             for b in self.units[nxt]:
-                if budget <= 0:
+                if budget <= 0 or not self._fits(b):
+                    budget = 0
                     break
                 self._start(b)
                 budget -= b.padded_numel
@@ -116,6 +146,8 @@ class ParamGatherer:
 
     def release(self, unit: int) -> None:
         for b in self.units[unit]:
+            if b.param_full is not None:
+                self.live_numel -= b.padded_numel
             b.release()
 
     def on_bucket_reduced(self, bucket: ShardedBucket) -> None:
@@ -145,8 +177,9 @@ class ParamGatherer:
 
     def wait_all(self) -> None:
         """Settle prefetches nobody consumed (e.g. the last block's prefetch at the end of backward)."""
-        for _, handle in self.in_flight.values():
+        for full, handle in self.in_flight.values():
             handle.wait()
+            self.live_numel -= full.numel()
         self.in_flight.clear()
 
     def update_shards(self) -> None:

@@ -43,6 +43,15 @@ def err(raw) -> str:
     ({**OK, "data": {"datasets": []}}, "data.datasets: no datasets given"),
     ({**OK, "parallel": {"tensor": 5}}, "parallel.tensor: 5 must divide model.n_heads=12"),
     ({**OK, "communication_data_type": "fp16"}, 'communication_data_type: "fp16" is not supported'),
+    ({**OK, "zero_optimization": {"stage": 2, "reduce_scatter": False}},
+     "zero_optimization.reduce_scatter: false is not one of true (hint: must be true: stages 1-3 always "
+     "reduce-scatter gradients"),
+    ({**OK, "zero_optimization": {"allgather_partitions": False}},
+     "zero_optimization.allgather_partitions: false is not one of true"),
+    ({**OK, "zero_optimization": {"contiguous_gradients": False}},
+     "zero_optimization.contiguous_gradients: false is not one of true"),
+    ({**OK, "zero_optimization": {"ignore_unused_parameters": False}},
+     "zero_optimization.ignore_unused_parameters: false is not one of true"),
 ])
 def test_refusals_name_the_key(raw, expected):
     assert err(raw).startswith(expected)

@@ -88,6 +88,29 @@ def test_adamw_respects_a_flag_raised_elsewhere():
     assert torch.equal(param, before)
 
 
+def test_adamw_one_pass_equals_the_checked_step_bit_for_bit():
+    # check_finite=False (the engine's path: it already knows the global grad norm is finite) skips only
+    # the check pass; the update itself is the same arithmetic
+    n = 777
+    grad = torch.randn(n, dtype=torch.bfloat16)
+    base = [torch.randn(n), torch.randn(n) * 0.1, torch.rand(n) * 0.1]
+    states = [[t.clone() for t in base] for _ in range(2)]
+    kernels.adamw_(*states[0][:1], grad, *states[0][1:], step=4, grad_scale=8.0, **HP)
+    found = kernels.adamw_(*states[1][:1], grad, *states[1][1:], step=4, grad_scale=8.0, check_finite=False, **HP)
+    assert found.item() == 0.0 and not torch.equal(states[1][0], base[0])
+    for a, b in zip(*states):
+        assert torch.equal(a, b)
+
+
+def test_adamw_one_pass_still_skips_on_a_raised_flag():
+    param = torch.randn(90)
+    before = param.clone()
+    flag = torch.ones(1)
+    found = kernels.adamw_(param, torch.randn(90), torch.zeros(90), torch.zeros(90), step=1, found_inf=flag,
+                           check_finite=False, **HP)
+    assert found is flag and torch.equal(param, before)
+
+
 def test_adamw_rejects_non_fp32_master_weights():
     with pytest.raises(
         ValueError, match=r"adamw_: param must be a flat contiguous fp32 tensor, got torch.bfloat16"

@@ -22,7 +22,7 @@ def _run(fn, args, dy):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 5, 100), (7, 200)])
+@pytest.mark.parametrize("shape", [(3, 5, 100), (7, 200), (9, 48)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_layer_norm_matches_reference(dtype, shape, with_bias, assert_close):
     hidden = shape[-1]
@@ -48,7 +48,7 @@ def test_layer_norm_matches_reference(dtype, shape, with_bias, assert_close):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 3, 100), (5, 200)])
+@pytest.mark.parametrize("shape", [(2, 3, 100), (5, 200), (11, 48)])
 def test_rms_norm_matches_reference(dtype, shape, assert_close):
     x = torch.randn(shape).to(dtype)
     w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)

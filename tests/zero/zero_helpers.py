@@ -12,12 +12,35 @@ STAGES = (0, 1, 2, 3)
 
 
 def zero_config(tmp, *, stage: int, tp: int = 1, steps: int = STEPS, **sections):
+    """Small buckets (several per model), and stage 3 releasing every block after each use
+    (``stage3_max_reuse_distance`` 0): two all-gathers per block and micro-batch, the paper's 3 Psi."""
     zero = {"stage": stage, "reduce_bucket_size": 4000, "overlap_comm": True,
-            "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 20000}
+            "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 20000,
+            "stage3_max_reuse_distance": 0}
     zero.update(sections.pop("zero_optimization", {}))
     train = {"max_steps": steps, "log_interval": 1, "progress": False, **sections.pop("train", {})}
     parallel = {"tensor": tp, **sections.pop("parallel", {})}
     return make_config(tmp, zero_optimization=zero, parallel=parallel, train=train, **sections)
+
+
+def dp_step_traffic(trainer, ctx) -> dict[str, dict[str, int]]:
+    """Run ``trainer.fit()`` and return the first step's data-parallel traffic per collective:
+    ``{"bytes": {op: n}, "calls": {op: n}}`` (barriers left out). ``train_step`` resets the counter right
+    after its snapshot, so the detail is read inside the snapshot."""
+    counter, snapshot, steps = ctx.counter, ctx.counter.snapshot, []
+
+    def record():
+        dp = lambda d: {op: n for (op, kind), n in d.items() if kind == "dp" and op != "barrier"}  # noqa: E731
+        steps.append({"bytes": dp(counter.detail()), "calls": dp(counter.calls())})
+        return snapshot()
+
+    counter.reset()
+    counter.snapshot = record
+    try:
+        trainer.fit()
+    finally:
+        counter.snapshot = snapshot
+    return steps[0]
 
 
 def train_worker(rank, world, args):
