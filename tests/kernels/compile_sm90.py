@@ -28,12 +28,17 @@ CASES = {
     "norm_fwd": (
         norm._norm_fwd_kernel,
         dict(X=BF16, Y=BF16, W=F32, B=F32, MEAN=F32, RSTD=F32, eps="fp32"),
-        dict(IS_RMS=False, HAS_BIAS=True, BLOCK_N=1024),
+        dict(IS_RMS=False, HAS_BIAS=True, BLOCK_N=1024, SINGLE=True),
     ),
     "norm_bwd": (
         norm._norm_bwd_kernel,
         dict(X=BF16, DY=BF16, DX=BF16, W=F32, MEAN=F32, RSTD=F32, DW_PART=F32, DB_PART=F32),
-        dict(IS_RMS=True, HAS_BIAS=False, BLOCK_N=1024),
+        dict(IS_RMS=True, HAS_BIAS=False, BLOCK_N=1024, SINGLE=True, STAGES=norm.BWD_STAGES),
+    ),
+    "norm_bwd_chunked": (
+        norm._norm_bwd_kernel,
+        dict(X=BF16, DY=BF16, DX=BF16, W=F32, MEAN=F32, RSTD=F32, DW_PART=F32, DB_PART=F32),
+        dict(IS_RMS=False, HAS_BIAS=True, BLOCK_N=1024, SINGLE=False, STAGES=1),
     ),
     "adamw": (
         adamw._adamw_kernel,
@@ -53,7 +58,7 @@ CASES = {
             step_size="fp32",
             bc2_sqrt="fp32",
         ),
-        dict(HAS_OUT=True, BLOCK=2048),
+        dict(HAS_OUT=True, HAS_FLAG=True, BLOCK=2048),
     ),
     "nonfinite": (adamw._nonfinite_kernel, dict(G=BF16, FLAG=F32, inv_scale="fp32"), dict(BLOCK=2048)),
     "ce_stats": (

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 NAMES = [
     "norm_fwd",
     "norm_bwd",
+    "norm_bwd_chunked",
     "adamw",
     "nonfinite",
     "ce_stats",
