@@ -8,7 +8,7 @@ from engine.optim.param_groups import split_decay
 from engine.zero.buckets import build_buckets
 from engine.zero.optimizer import ZeroOptimizer
 
-ALL_IN_ONE = 1 << 62  # stage-3 buckets are whole units (one all-gather per layer)
+ALL_IN_ONE = 1 << 62  # stage-3 buckets are whole units (one all-gather per layer); stage 2 + overlap: one bucket
 
 
 def check_zero_layout(cfg) -> None:
@@ -60,9 +60,13 @@ def build_zero_optimizer(cfg, ctx, model: nn.Module, grad_sync) -> ZeroOptimizer
     buckets, units = [], []
     named_units = _units(model)
     unit_of = {id(p): i for i, named in enumerate(named_units) for _, p in named}  # stage-2 reduce pieces
+    pieces_by_unit = stage == 2 and zero.overlap_comm
     if stage < 3:
-        # Decay classes share buckets (per-range weight decay): fewer, larger collectives.
-        buckets = build_buckets(trained, weight_decay=decays, bucket_size=zero.reduce_bucket_size, **common)
+        # Decay classes share buckets (per-range weight decay): fewer, larger collectives. Stage 2 with
+        # overlap_comm lays the model out as one bucket and reduces it in backward-ordered pieces of at most
+        # reduce_bucket_size elements (engine/zero/pieces.py); otherwise buckets are reduce_bucket_size.
+        size = ALL_IN_ONE if pieces_by_unit else zero.reduce_bucket_size
+        buckets = build_buckets(trained, weight_decay=decays, bucket_size=size, **common)
     else:
         threshold = zero.stage3_param_persistence_threshold
         for i, named in enumerate(named_units):
@@ -86,4 +90,5 @@ def build_zero_optimizer(cfg, ctx, model: nn.Module, grad_sync) -> ZeroOptimizer
     return ZeroOptimizer(buckets, cfg.optimizer, stage=stage, clip=cfg.gradient_clipping, grad_sync=sync,
                          dp_group=dp, micro_batches=resolve_batch(cfg, ctx.dp_size).grad_accum,
                          overlap_comm=zero.overlap_comm, use_kernels=use_kernels(cfg, ctx.device),
-                         gatherer=gatherer, allgather_bucket_size=zero.allgather_bucket_size, unit_of=unit_of)
+                         gatherer=gatherer, allgather_bucket_size=zero.allgather_bucket_size, unit_of=unit_of,
+                         piece_numel=zero.reduce_bucket_size if pieces_by_unit else None)

@@ -25,7 +25,8 @@ from engine.zero.reducer import BucketReducer
 class ZeroOptimizer:
     def __init__(self, buckets: list[ShardedBucket], opt_cfg, *, stage: int, clip: float, grad_sync, dp_group,
                  micro_batches: int, overlap_comm: bool, use_kernels: bool = False, gatherer=None,
-                 allgather_bucket_size: int = 1 << 62, unit_of: dict[int, int] | None = None) -> None:
+                 allgather_bucket_size: int = 1 << 62, unit_of: dict[int, int] | None = None,
+                 piece_numel: int | None = None) -> None:
         self.buckets = buckets
         self.cfg = opt_cfg
         self.stage = stage
@@ -45,7 +46,8 @@ class ZeroOptimizer:
             b.is_embedding = emb is not None and grad_sync._embedding_range(b) is not None
         done = gatherer.on_bucket_reduced if gatherer is not None else None
         self.reducer = BucketReducer(buckets, dp_group, stage=stage, micro_batches=micro_batches,
-                                     overlap=overlap_comm, on_bucket_done=done, unit_of=unit_of)
+                                     overlap=overlap_comm, on_bucket_done=done, unit_of=unit_of,
+                                     piece_numel=piece_numel)
 
     def zero_grad(self) -> None:
         for b in self.buckets:

@@ -3,10 +3,15 @@
 A bucket (engine/zero/buckets.py) is laid out by weight-decay class and TP replication, not in the order
 backward produces gradients, and with DeepSpeed's default ``reduce_bucket_size`` (5e8) the whole model is
 one bucket: reduce-scattered as one collective, it cannot start before backward ends. Under
-``overlap_comm`` a stage 2-3 bucket is therefore reduced piece by piece, one piece per unit (the outer
-parameters, each transformer block: engine/zero/factory.py) that has parameters in it, as soon as backward
-has produced the gradients of that unit. A piece covers a few ranges of the bucket (its parameters, merged
-where adjacent; the last piece also the bucket's padding, so a step still moves the whole padded bucket),
+``overlap_comm`` a stage 2 model is therefore one bucket (engine/zero/factory.py) reduced piece by piece,
+as soon as backward has produced a piece's gradients: a piece is a run of whole units (the outer parameters,
+each transformer block) of at most ``reduce_bucket_size`` elements, DeepSpeed's "elements reduced at a
+time". With DeepSpeed's default (5e8) a small model is one piece, reduced once like stage 1; a smaller
+``reduce_bucket_size`` overlaps the reduction with backward block by block and bounds the transient
+gradient memory to the pieces in flight. (Stage 3 buckets are one unit each already.)
+
+A piece covers a few ranges of the bucket (its parameters, merged where adjacent; the last piece also
+the bucket's padding, so a step still moves the whole padded bucket),
 which straddle the ranks' shards unevenly: it is reduce-scattered with per-rank sizes ``splits`` (an
 all-to-all plus a local sum, engine/dist/collectives.py), and this rank receives the sum of its ``mine``
 segments. Because shards are contiguous and in rank order, the piece's elements in bucket order are already
@@ -42,11 +47,31 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
+def group_units(sizes: list[int], units: list[int], max_numel: int) -> list[int]:
+    """Merge whole units, in backward order (highest unit first), into groups of at most ``max_numel``
+    elements (a unit larger than that is a group of its own): DeepSpeed's ``reduce_bucket_size``, the
+    number of elements reduced at a time. Returns each member's group, numbered so that the group backward
+    completes first has the highest number."""
+    unit_numel: dict[int, int] = {}
+    for u, size in zip(units, sizes):
+        unit_numel[u] = unit_numel.get(u, 0) + size
+    group_of, group, fill = {}, 0, 0
+    for u in sorted(unit_numel, reverse=True):
+        if fill and fill + unit_numel[u] > max_numel:
+            group, fill = group + 1, 0
+        group_of[u] = group
+        fill += unit_numel[u]
+    return [-group_of[u] for u in units]
+
+
 def plan_pieces(offsets: list[int], sizes: list[int], units: list[int], *, padded_numel: int, dp_size: int,
-                dp_rank: int) -> list[ReducePiece]:
+                dp_rank: int, max_numel: int | None = None) -> list[ReducePiece]:
     """The pieces of one bucket, in the order backward completes them (highest unit first): member i sits
     at ``offsets[i]`` with ``sizes[i]`` elements and belongs to unit ``units[i]``. One piece when all the
-    members share a unit."""
+    members share a unit. With ``max_numel``, consecutive units are merged into pieces of at most that many
+    elements (see :func:`group_units`)."""
+    if max_numel is not None:
+        units = group_units(sizes, units, max_numel)
     shard = padded_numel // dp_size
     numel = max((o + s for o, s in zip(offsets, sizes)), default=0)
     order = sorted(set(units), reverse=True)

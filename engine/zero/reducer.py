@@ -27,7 +27,8 @@ MAX_IN_FLIGHT = 2  # pieces reduced concurrently before the oldest is waited on
 
 class BucketReducer:
     def __init__(self, buckets: list[ShardedBucket], dp_group, *, stage: int, micro_batches: int, overlap: bool,
-                 on_bucket_done=None, unit_of: dict[int, int] | None = None) -> None:
+                 on_bucket_done=None, unit_of: dict[int, int] | None = None,
+                 piece_numel: int | None = None) -> None:
         self.buckets = buckets
         self.dp_group = dp_group
         self.stage = stage
@@ -39,13 +40,14 @@ class BucketReducer:
             self.pieces[id(b)] = plan_pieces(b.offsets, [s.numel() for s in b.shapes],
                                              [unit_of.get(id(p), 0) for _, p in b.named_params],
                                              padded_numel=b.padded_numel, dp_size=dp_group.size,
-                                             dp_rank=dp_group.rank)
+                                             dp_rank=dp_group.rank, max_numel=piece_numel)
         every = micro_batches if stage == 1 else 1
         self.needed = {id(pc): len(pc.members) * every for b in buckets for pc in self.pieces[id(b)]}
         self.seen = dict.fromkeys(self.needed, 0)
         self.left = {id(b): len(self.pieces[id(b)]) for b in buckets}  # pieces not yet launched this round
         self.launched: set[int] = set()
         self.staging: dict[int, torch.Tensor] = {}
+        self.free: list[torch.Tensor] = []  # released staging buffers, reused by _take
         self.staged_numel = self.peak_staged_numel = 0  # stages 2-3: transient gradient elements held
         self.in_flight: list[tuple[ShardedBucket, ReducePiece, torch.Tensor, collectives.Handle]] = []
         self.hooks = []
@@ -62,13 +64,12 @@ class BucketReducer:
             if bucket.grad_full is not None:
                 bucket.grad_full[offset:offset + g.numel()].add_(g)
             else:
-                buf = self.staging.get(id(piece))
-                if buf is None:
-                    buf = self.staging[id(piece)] = torch.zeros(piece.numel, dtype=torch.float32,
-                                                                device=bucket.master.device)
+                base = self.staging.get(id(piece))
+                if base is None:
+                    base = self.staging[id(piece)] = self._take(piece.numel, bucket.master.device)
                     self.staged_numel += piece.numel
                     self.peak_staged_numel = max(self.peak_staged_numel, self.staged_numel)
-                buf[pos:pos + g.numel()].add_(g)
+                base[pos:pos + g.numel()].add_(g)
             p.grad = None
             self.seen[id(piece)] += 1
             if self.seen[id(piece)] == self.needed[id(piece)]:
@@ -76,21 +77,33 @@ class BucketReducer:
 
         return hook
 
+    def _take(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A zeroed fp32 staging buffer of at least ``numel`` elements: a released one when one is large
+        enough (no fresh allocation and page faults each micro-batch on CPU), else a new one."""
+        fits = [i for i, t in enumerate(self.free) if t.numel() >= numel and t.device == device]
+        if not fits:
+            return torch.zeros(numel, dtype=torch.float32, device=device)
+        base = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+        base[:numel].zero_()
+        return base
+
     def _launch(self, bucket: ShardedBucket, piece: ReducePiece) -> None:
         """Reduce-scatter one complete piece; stages 2-3 add this rank's part to the gradient shard."""
         self.seen[id(piece)] = 0
+        base = None
         if bucket.grad_full is not None:  # stage 1: always the whole bucket
             self.launched.add(id(piece))
             send = bucket.grad_full
         else:
-            send = self.staging.pop(id(piece))
+            base = self.staging.pop(id(piece))
+            send = base[:piece.numel]
         if piece.whole:  # rank r's part is its own slice: reduce in place
             out = send[bucket.lo:bucket.hi]
             handle = collectives.reduce_scatter_tensor_async(out, send, self.dp_group)
         else:
             out = torch.empty(piece.splits[self.dp_group.rank], dtype=send.dtype, device=send.device)
             handle = collectives.reduce_scatter_uneven_async(out, send, piece.splits, self.dp_group)
-        self.in_flight.append((bucket, piece, out, handle))
+        self.in_flight.append((bucket, piece, out, handle, base))
         if not self.overlap or len(self.in_flight) > MAX_IN_FLIGHT:
             self._drain(keep=0 if not self.overlap else MAX_IN_FLIGHT)
         self.left[id(bucket)] -= 1
@@ -101,16 +114,18 @@ class BucketReducer:
 
     def _drain(self, *, keep: int = 0) -> None:
         while len(self.in_flight) > keep:
-            bucket, piece, out, handle = self.in_flight.pop(0)
+            bucket, piece, out, handle, base = self.in_flight.pop(0)
             handle.wait()
             if bucket.grad_full is not None:
                 continue  # stage 1: reduced in place
-            self.staged_numel -= piece.numel  # stages 2-3: the staging buffer dies with this entry
+            self.staged_numel -= piece.numel  # stages 2-3: the staging buffer is released with this entry
             if piece.whole:
                 bucket.grad.add_(out)
-                continue
-            for lo, hi, at in piece.mine:
-                bucket.grad[lo:hi].add_(out[at:at + hi - lo])
+            else:
+                for lo, hi, at in piece.mine:
+                    bucket.grad[lo:hi].add_(out[at:at + hi - lo])
+            if len(self.free) <= MAX_IN_FLIGHT:  # keep at most as many as can be in use at once
+                self.free.append(base)
 
     def finish(self) -> None:
         """Wait for every piece and reduce those the hooks did not complete (unused parameters), in

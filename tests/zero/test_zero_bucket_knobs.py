@@ -110,46 +110,54 @@ def test_stage3_reuse_distance_live_cap_and_allgather_pieces(tmp_path):
                 > len(whole["shards"])
 
 
+BLOCK = UNITS[1]  # elements of one block
+ONE_BUCKET_VARIANTS = {  # name: (stage, reduce_bucket_size)
+    "s1": (1, BIG),  # one bucket, reduced once per step
+    "s2_whole": (2, BIG),  # DeepSpeed's default size: the model is one piece, reduced once per micro-batch
+    "s2_blocks": (2, BLOCK),  # pieces of at most one block: reduced block by block as backward ends each
+}
+
+
 def _one_bucket_worker(rank, world, args):
     from engine.log import RankLogger
     from engine.parallel_setup import build_context
     from engine.trainer import Trainer
 
     out = {}
-    for stage in (1, 2):
+    for name, (stage, size) in ONE_BUCKET_VARIANTS.items():
         cfg = zero_config(pathlib.Path(tempfile.mkdtemp()), stage=stage, model=MODEL, train_batch_size=16,
-                          zero_optimization={"reduce_bucket_size": BIG})  # 2 micro-batches per rank
+                          zero_optimization={"reduce_bucket_size": size})  # 2 micro-batches per rank
         ctx, sync = build_context(cfg, rank=rank, world_size=world)
         trainer = Trainer(cfg, ctx, log=RankLogger(rank, world), grad_sync=sync)
         traffic = dp_step_traffic(trainer, ctx)
-        out[stage] = {"losses": [r["loss"] for r in trainer.history], "traffic": traffic,
-                      "accum": trainer.batch.grad_accum, "peak_staged": trainer.optimizer.reducer.peak_staged_numel,
-                      "padded": [b.padded_numel for b in trainer.optimizer.buckets]}
+        out[name] = {"losses": [r["loss"] for r in trainer.history], "traffic": traffic,
+                     "accum": trainer.batch.grad_accum, "peak_staged": trainer.optimizer.reducer.peak_staged_numel,
+                     "padded": [b.padded_numel for b in trainer.optimizer.buckets]}
     return out
 
 
-def test_one_model_sized_bucket_is_reduced_unit_by_unit(tmp_path):
-    """DeepSpeed's default reduce_bucket_size makes the whole model one bucket; with overlap_comm stage 2
-    reduce-scatters it one unit (outer parameters, each block) at a time as backward completes them, with
-    uneven per-rank sizes (dp=4 puts shard boundaries inside units): 20 steps equal to the single-device run,
-    the same bytes as one collective per bucket. Stage 1 (one reduction per step) keeps the whole bucket."""
+def test_stage2_reduces_one_bucket_in_pieces_of_reduce_bucket_size(tmp_path):
+    """Stage 2 with overlap_comm lays the model out as one bucket and reduce-scatters it in backward-ordered
+    pieces of whole units of at most reduce_bucket_size elements (DeepSpeed's elements reduced at a time),
+    with uneven per-rank sizes (dp=4 puts shard boundaries inside units): at DeepSpeed's default size the
+    model is one piece, at one block's size each unit is its own piece. Every variant: 20 steps equal to
+    the single-device run, the same bytes as one collective per bucket. Stage 1 reduces once per step."""
     results = run_ranks(_one_bucket_worker, 4, args={}, timeout_s=600)
     ref = run_losses(zero_config(tmp_path, stage=0, model=MODEL, train_batch_size=16))
+    pieces = {"s1": 1, "s2_whole": 1, "s2_blocks": 5}  # outer unit + 4 blocks
     for rank, res in enumerate(results):
-        for stage in (1, 2):
-            assert res[stage]["accum"] == 2
-            got = res[stage]
+        for name, got in res.items():
+            assert got["accum"] == 2
             assert len(got["padded"]) == 1, "one bucket"
             assert len(got["losses"]) == len(ref)
-            assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got["losses"], ref)), (stage, rank)
-            padded, reductions = got["padded"][0], 1 if stage == 1 else got["accum"]
+            assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got["losses"], ref)), (name, rank)
+            padded, reductions = got["padded"][0], 1 if name == "s1" else got["accum"]
             assert got["traffic"]["bytes"] == {"reduce_scatter": 4 * padded * reductions,
-                                               "all_gather": 4 * padded, "all_reduce": 12}, (stage, rank)
-            # stage 2: 5 units (outer + 4 blocks) reduced separately every micro-batch; stage 1 reduces the
-            # whole bucket once per step
-            pieces = 1 if stage == 1 else 5
-            assert got["traffic"]["calls"]["reduce_scatter"] == pieces * reductions, (stage, rank)
-        # stage 2 holds transient fp32 gradients only for the pieces in flight (the outer unit's waits for the
-        # embedding's gradient, at the end of backward), not for the whole model
-        outer, block = UNITS[0], UNITS[1]
-        assert res[2]["peak_staged"] == outer + (MAX_IN_FLIGHT + 1) * block < res[2]["padded"][0], rank
+                                               "all_gather": 4 * padded, "all_reduce": 12}, (name, rank)
+            assert got["traffic"]["calls"]["reduce_scatter"] == pieces[name] * reductions, (name, rank)
+        # transient fp32 gradients: the whole model when it is one piece (twice: the first micro-batch's
+        # reduction is still in flight when the second's backward fills the next); with block-sized pieces
+        # only the pieces in flight (the outer unit's waits for the embedding's gradient, at the end)
+        outer = UNITS[0]
+        assert res["s2_whole"]["peak_staged"] == 2 * res["s2_whole"]["padded"][0], rank
+        assert res["s2_blocks"]["peak_staged"] == outer + (MAX_IN_FLIGHT + 1) * BLOCK < res["s2_blocks"]["padded"][0]
