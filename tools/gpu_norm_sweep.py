@@ -1,5 +1,5 @@
 """Sweep the LayerNorm/RMSNorm backward's launch settings on CUDA (warps, partial rows per SM, pipelining
-depth of the row loop), beside torch. python tools/gpu_norm_sweep.py  (bwd bytes: x, dy read, dx written)
+depth of the row loop), beside torch. PYTHONPATH=. python tools/gpu_norm_sweep.py  (bwd bytes: x, dy read, dx written)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Host-side overhead on CUDA: per-call CPU cost of the kernel wrappers at tiny sizes (launch-bound), and
 where a Trident training step's wall time goes (CPU enqueue vs waiting for the GPU).
 
-python tools/gpu_overhead.py [--model gpt2-350m] [--micro-batch 8]
+PYTHONPATH=. python tools/gpu_overhead.py [--model gpt2-350m] [--micro-batch 8]
 """
 
 from __future__ import annotations
@@ -61,21 +61,13 @@ def launch_table() -> None:
 
 def step_breakdown(model: str, mb: int, kernels_on: bool, steps: int = 6) -> None:
     from engine.assemble import RunContext, pick_device
-    from engine.benchmarks.mfu import PRESETS
+    from engine.benchmarks.mfu import bench_config
     from engine.config import parse_config
     from engine.log import RankLogger
     from engine.trainer import Trainer
 
-    layers, d, heads = PRESETS[model]
-    raw = {
-        "train_batch_size": mb, "train_micro_batch_size_per_gpu": mb,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1}},
-        "gradient_clipping": 1.0, "bf16": {"enabled": True},
-        "model": {"arch": "gpt2", "n_layers": layers, "d_model": d, "n_heads": heads, "seq_len": 1024,
-                  "vocab_size": 50304, "kernels": kernels_on},
-        "data": {"synthetic": True},
-        "train": {"max_steps": 100, "progress": False, "log_dir": "/tmp/trident-overhead"},
-    }
+    raw = bench_config(model, seq=1024, micro_batch=mb, bf16=True, max_steps=100, log_dir="/tmp/trident-overhead")
+    raw["model"]["kernels"] = kernels_on
     cfg = parse_config(raw)
     tr = Trainer(cfg, RunContext.single(pick_device(cfg)), log=RankLogger(0, 1))
     for _ in range(3):

@@ -1,6 +1,6 @@
 """Profile one configuration of ``python -m engine.bench mfu`` on CUDA: where a Trident step's time goes.
 
-python tools/gpu_profile.py [--model gpt2-350m] [--seq 1024] [--micro-batch 8] [--steps 3] [--trace out.json]
+PYTHONPATH=. python tools/gpu_profile.py [--model gpt2-350m] [--seq 1024] [--micro-batch 8] [--steps 3] [--trace out.json]
 Prints the top CUDA kernels by total device time, the top CPU ops, and the step's wall time against the
 sum of its kernel times (a large gap means the step is bound by the host, not the GPU).
 """
@@ -13,7 +13,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine.benchmarks.mfu import PRESETS
+from engine.benchmarks.mfu import bench_config
 
 
 def main() -> None:
@@ -32,16 +32,8 @@ def main() -> None:
     from engine.log import RankLogger
     from engine.trainer import Trainer
 
-    layers, d, heads = PRESETS[args.model]
-    raw = {
-        "train_batch_size": args.micro_batch, "train_micro_batch_size_per_gpu": args.micro_batch,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1}},
-        "gradient_clipping": 1.0, "bf16": {"enabled": True},
-        "model": {"arch": "gpt2", "n_layers": layers, "d_model": d, "n_heads": heads, "seq_len": args.seq,
-                  "vocab_size": 50304},
-        "data": {"synthetic": True},
-        "train": {"max_steps": 100, "progress": False, "log_dir": "/tmp/trident-profile"},
-    }
+    raw = bench_config(args.model, seq=args.seq, micro_batch=args.micro_batch, bf16=True, max_steps=100,
+                       log_dir="/tmp/trident-profile")
     for item in args.set:
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)

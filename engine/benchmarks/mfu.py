@@ -37,6 +37,22 @@ def _peak_mem(device: torch.device) -> int:
     return peak_memory_bytes(device)
 
 
+def bench_config(model: str, *, seq: int, micro_batch: int, bf16: bool, max_steps: int, log_dir: str,
+                 **train) -> dict:
+    """The JSON config both sides of the MFU bench train (and tools/gpu_*.py profile): a GPT-2 preset on
+    synthetic data, one micro-batch per step, AdamW, clipping at 1.0."""
+    layers, d, heads = PRESETS[model]
+    return {
+        "train_batch_size": micro_batch, "train_micro_batch_size_per_gpu": micro_batch,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1}},
+        "gradient_clipping": 1.0, "bf16": {"enabled": bf16},
+        "model": {"arch": "gpt2", "n_layers": layers, "d_model": d, "n_heads": heads, "seq_len": seq,
+                  "vocab_size": 50304},
+        "data": {"synthetic": True},
+        "train": {"max_steps": max_steps, "progress": False, "log_dir": log_dir, **train},
+    }
+
+
 def measure_trident(raw: dict, *, steps: int, warmup: int) -> tuple[float, int]:
     from engine.assemble import RunContext, pick_device
     from engine.config import parse_config
@@ -108,16 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--model: '{args.model}' is not one of {', '.join(PRESETS)}")
     layers, d, heads = PRESETS[args.model]
     cuda = torch.cuda.is_available()
-    raw = {
-        "train_batch_size": args.micro_batch, "train_micro_batch_size_per_gpu": args.micro_batch,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1}},
-        "gradient_clipping": 1.0, "bf16": {"enabled": cuda},
-        "model": {"arch": "gpt2", "n_layers": layers, "d_model": d, "n_heads": heads, "seq_len": args.seq,
-                  "vocab_size": 50304},
-        "data": {"synthetic": True},
-        "train": {"max_steps": args.steps + args.warmup, "progress": False, "log_dir": "/tmp/trident-bench-mfu",
-                  "peak_tflops": args.peak_tflops},
-    }
+    raw = bench_config(args.model, seq=args.seq, micro_batch=args.micro_batch, bf16=cuda,
+                       max_steps=args.steps + args.warmup, log_dir="/tmp/trident-bench-mfu",
+                       peak_tflops=args.peak_tflops)
     from engine.config import parse_config
     from engine.metrics.flops import device_peak_tflops, flops_per_token
 
