@@ -1,5 +1,5 @@
-"""``python -m engine.bench zero [--stages 1,2,3] [--world-size 2] [--steps 8]``: Trident's ZeRO next to
-DeepSpeed's, side by side on CPU gloo ranks (or GPUs where available with ``--device cuda``).
+"""``python -m engine.bench zero [--stages 1,2,3] [--world-size 2] [--steps 8] [--repeats 3]``: Trident's ZeRO
+next to DeepSpeed's, side by side on CPU gloo ranks (or GPUs where available with ``--device cuda``).
 
 The same GPT (a Trident ``Transformer`` with the same seed, so the same initial weights), the same
 batches (seeded per step and rank), the same JSON-style settings (fp32, AdamW, clipping 1.0, constant lr,
@@ -7,7 +7,8 @@ micro-batch 4, no accumulation) are trained by ``deepspeed.initialize``'s engine
 optimizer, each in its own set of processes. DeepSpeed averages gradients over DP, Trident sums them
 (its loss is divided by the global token count), so DeepSpeed's loss is multiplied by the DP size: the
 updates are then the same. Printed per stage: both loss curves, their largest relative difference,
-the median step time (after 2 warmup steps), the peak resident memory per rank (ru_maxrss, which
+the median step time (after 2 warmup steps; DeepSpeed and Trident runs alternate ``--repeats`` times and
+the ratio is the median of the pairs' ratios), the peak resident memory per rank (ru_maxrss, which
 includes the ~same interpreter and torch baseline for both) and the ratios Trident / DeepSpeed.
 """
 
@@ -161,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="DeepSpeed/Trident run pairs per stage, alternated so that drift in the machine's speed "
+                         "hits both sides; the ratio reported is the median of the pairs' ratios")
     args = ap.parse_args(argv)
     try:
         stages = [int(s) for s in args.stages.split(",")]
@@ -170,21 +174,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--stages: {args.stages} must list stages among 1, 2, 3")
     if args.world_size < 1 or args.steps < 3:
         raise ConfigError("--world-size must be >= 1 and --steps >= 3 (2 warmup steps are not timed)")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     print(f"GPT {args.layers} layers x d_model {args.d_model}, seq {args.seq_len}, micro-batch {args.micro_batch}, "
           f"fp32, {args.world_size} {args.device} ranks, {args.steps} steps")
     for stage in stages:
-        ds = _spawn("deepspeed", stage, args)
-        tr = _spawn("trident", stage, args)
+        pairs = [(_spawn("deepspeed", stage, args), _spawn("trident", stage, args)) for _ in range(args.repeats)]
+        ds, tr = pairs[0]
         rel = max(abs(a - b) / abs(b) for a, b in zip(tr[0]["losses"], ds[0]["losses"]))
-        t_ds = statistics.median(ds[0]["times"][2:])
-        t_tr = statistics.median(tr[0]["times"][2:])
+        t_ds = statistics.median(statistics.median(d[0]["times"][2:]) for d, _ in pairs)
+        t_tr = statistics.median(statistics.median(t[0]["times"][2:]) for _, t in pairs)
+        ratios = [statistics.median(t[0]["times"][2:]) / statistics.median(d[0]["times"][2:]) for d, t in pairs]
         print(f"\nZeRO stage {stage}")
         print("  step  deepspeed_loss  trident_loss")
         for i, (a, b) in enumerate(zip(ds[0]["losses"], tr[0]["losses"]), start=1):
             print(f"  {i:4d}  {a:.7f}       {b:.7f}")
         print(f"  max relative loss difference {rel:.2e} (target <= 1e-3)")
-        print(f"  step time   deepspeed {t_ds * 1e3:.1f} ms  trident {t_tr * 1e3:.1f} ms  ratio {t_tr / t_ds:.2f} "
-              f"(target <= 0.80)")
+        print(f"  step time   deepspeed {t_ds * 1e3:.1f} ms  trident {t_tr * 1e3:.1f} ms  ratio "
+              f"{statistics.median(ratios):.2f} (target <= 0.80; median of {len(ratios)} alternated pairs: "
+              f"{' '.join(f'{r:.2f}' for r in ratios)})")
         for r in range(args.world_size):
             m_ds, m_tr = ds[r]["maxrss_bytes"], tr[r]["maxrss_bytes"]
             print(f"  rank {r} peak RSS  deepspeed {m_ds / 2**20:.0f} MiB  trident {m_tr / 2**20:.0f} MiB  "
