@@ -56,19 +56,39 @@ class MixedPrecisionOptimizer:
 
             self.dp_reduce = OverlappedDPReduce(self.groups, dp_group, bucket_size=reduce_bucket_size,
                                                 micro_batches=micro_batches, overlap=overlap_comm)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(view))
-                       for g in self.groups for p, view in g.views(g.grad)]
+        # Which parameters' fp32 gradient views hold this step's gradient. A view not yet written is
+        # logically zero: its first gradient of the step is copied in (one read of the compute-dtype
+        # gradient, one fp32 write) instead of added onto a zeroed buffer, so zero_grad needs no memset
+        # and the first micro-batch does not read the fp32 buffer. Views still unwritten when the step
+        # begins (parameters that got no gradient) are zeroed then.
+        pairs = [(p, view) for g in self.groups for p, view in g.views(g.grad)]
+        self._views = [view for _, view in pairs]
+        self._written = [False] * len(pairs)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i, view))
+                       for i, (p, view) in enumerate(pairs)]
 
-    def _make_hook(self, grad_view: torch.Tensor):
+    def _make_hook(self, index: int, grad_view: torch.Tensor):
         # Accumulate into the fp32 flat buffer as soon as autograd has this parameter's gradient,
         # then drop the compute-dtype gradient: accumulation across micro-batches happens in fp32.
+        written = self._written
+
         def hook(p: torch.Tensor) -> None:
-            grad_view.add_(p.grad)
+            if written[index]:
+                grad_view.add_(p.grad)
+            else:
+                grad_view.copy_(p.grad)
+                written[index] = True
             p.grad = None
             if self.dp_reduce is not None:
                 self.dp_reduce.on_grad(p)
 
         return hook
+
+    def _zero_unwritten(self) -> None:
+        for i, view in enumerate(self._views):
+            if not self._written[i]:
+                view.zero_()
+                self._written[i] = True
 
     def model_state_bytes(self) -> dict[str, int]:
         """This rank's model states: parameters (the masters when aliased), fp32 gradients, Adam moments
@@ -85,8 +105,9 @@ class MixedPrecisionOptimizer:
             g.alias_params_to_compute()
 
     def zero_grad(self) -> None:
-        for g in self.groups:
-            g.grad.zero_()
+        """Make every fp32 gradient logically zero: the next gradient of each parameter overwrites its view."""
+        for i in range(len(self._written)):
+            self._written[i] = False
 
     def _grad_sq_sum(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=self.groups[0].grad.device)
@@ -97,7 +118,8 @@ class MixedPrecisionOptimizer:
         return total
 
     def step(self, *, lr: float, loss_scale: float) -> StepResult:
-        """Reduce, unscale, check, clip, update. Leaves gradients zeroed."""
+        """Reduce, unscale, check, clip, update. Leaves gradients (logically) zeroed."""
+        self._zero_unwritten()
         if self.dp_reduce is not None:
             self.dp_reduce.finish()
         self.sync.reduce_gradients(self.groups, data_parallel=self.dp_reduce is None)

@@ -79,6 +79,7 @@ class RowParallelLinear(nn.Module):
         self.group = group
         self.sequence_parallel = sequence_parallel
         world, rank = group_size(group), group_rank(group)
+        self.world = world
         if in_features % world:
             raise ValueError(f"{name}: in_features {in_features} not divisible by tp={world}")
         full = normal_full((out_features, in_features), std=std, seed=seed, name=f"{name}.weight")
@@ -90,6 +91,9 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            # nothing to sum: the bias goes into the GEMM's epilogue instead of a separate add
+            return F.linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_region(y, self.group)
