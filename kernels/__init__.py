@@ -13,12 +13,13 @@ from kernels.chunked_cross_entropy import (
     vocab_parallel_stats,
 )
 from kernels.dispatch import use_triton
-from kernels.flash_attention import attention
+from kernels.flash_attention import attention, attention_packed
 from kernels.norm import layer_norm, rms_norm
 
 __all__ = [
     "adamw_",
     "attention",
+    "attention_packed",
     "combine_vocab_parallel_stats",
     "cross_entropy",
     "layer_norm",

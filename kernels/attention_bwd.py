@@ -8,6 +8,9 @@
    programs stopping at the diagonal.
 With s = scale * q.k (+ bias), p = softmax(s): dS = P * (dP - delta), dQ = scale * dS K, dK = scale * dS^T Q,
 dV = P^T dO, dP = dO V^T.
+Every (B, H, S, D) operand (Q, K, V, O, dO, dQ, dK, dV) is addressed through its own (b, h, s) strides
+with unit stride along D, so views into a packed (S, B, heads, D) buffer are read and written in place;
+LSE and DELTA are contiguous fp32 (B, H, S).
 """
 
 from __future__ import annotations
@@ -28,21 +31,31 @@ def bwd_configs() -> list[triton.Config]:
 
 @triton.jit
 def attn_bwd_preprocess_kernel(
-    OUT,  # (B, H, S, D) forward output, contiguous
-    DO,  # (B, H, S, D) upstream gradient, contiguous
+    OUT,  # (B, H, S, D) forward output, unit stride along D
+    DO,  # (B, H, S, D) upstream gradient, unit stride along D
     DELTA,  # (B, H, S) fp32 out, contiguous: rowsum(dO * O)
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    H,
     S,
     D,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < S) & (offs_d[None, :] < D)
-    offs = bh * S * D + rows[:, None] * D + offs_d[None, :]
-    o = tl.load(OUT + offs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :]
+    do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :]
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + bh * S + rows, tl.sum(o * do, axis=1), mask=rows < S)
 
 
@@ -52,11 +65,11 @@ def attn_bwd_dkdv_kernel(
     Q,  # (B, H, S, D) queries, unit stride along D
     K,  # (B, HKV, S, D) keys, unit stride along D
     V,  # (B, HKV, S, D) values, unit stride along D
-    DO,  # (B, H, S, D) upstream gradient, contiguous
+    DO,  # (B, H, S, D) upstream gradient, unit stride along D
     LSE,  # (B, H, S) fp32 log2-sum-exp from the forward, contiguous
     DELTA,  # (B, H, S) fp32 rowsum(dO * O), contiguous
-    DK,  # (B, HKV, S, D) out: key gradient in K's dtype, contiguous
-    DV,  # (B, HKV, S, D) out: value gradient in V's dtype, contiguous
+    DK,  # (B, HKV, S, D) out: key gradient in K's dtype, unit stride along D
+    DV,  # (B, HKV, S, D) out: value gradient in V's dtype, unit stride along D
     SLOPES,  # (H,) fp32 ALiBi slopes; not read unless HAS_ALIBI
     stride_qb,
     stride_qh,
@@ -67,6 +80,15 @@ def attn_bwd_dkdv_kernel(
     stride_vb,
     stride_vh,
     stride_vs,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dkb,
+    stride_dkh,
+    stride_dks,
+    stride_dvb,
+    stride_dvh,
+    stride_dvs,
     H,
     HKV,
     GROUP,
@@ -115,7 +137,7 @@ def attn_bwd_dkdv_kernel(
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
         q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + bh * S * D
+        do_base = DO + b * stride_dob + h * stride_doh
         for start_m in range(lo, S, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < S
@@ -125,7 +147,9 @@ def attn_bwd_dkdv_kernel(
                 other=0.0,
             )  # (BLOCK_M, BLOCK_D)
             do = tl.load(
-                do_base + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+                do_base + rows[:, None] * stride_dos + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
             )
             lse = tl.load(LSE + bh * S + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * S + rows, mask=row_ok, other=0.0)
@@ -140,9 +164,10 @@ def attn_bwd_dkdv_kernel(
             dp_t = mma(v, tl.trans(do), DOT_PRECISION, UPCAST_DOT)  # (BLOCK_N, BLOCK_M)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += mma(ds_t.to(q.dtype), q, DOT_PRECISION, UPCAST_DOT)
-    out = bhk.to(tl.int64) * S * D + cols[:, None] * D + offs_d[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.autotune(configs=bwd_configs(), key=["S", "BLOCK_D", "CAUSAL", "HAS_ALIBI"])
@@ -151,10 +176,10 @@ def attn_bwd_dq_kernel(
     Q,  # (B, H, S, D) queries, unit stride along D
     K,  # (B, HKV, S, D) keys, unit stride along D
     V,  # (B, HKV, S, D) values, unit stride along D
-    DO,  # (B, H, S, D) upstream gradient, contiguous
+    DO,  # (B, H, S, D) upstream gradient, unit stride along D
     LSE,  # (B, H, S) fp32 log2-sum-exp from the forward, contiguous
     DELTA,  # (B, H, S) fp32 rowsum(dO * O), contiguous
-    DQ,  # (B, H, S, D) out: query gradient in Q's dtype, contiguous
+    DQ,  # (B, H, S, D) out: query gradient in Q's dtype, unit stride along D
     SLOPES,  # (H,) fp32 ALiBi slopes; not read unless HAS_ALIBI
     stride_qb,
     stride_qh,
@@ -165,6 +190,12 @@ def attn_bwd_dq_kernel(
     stride_vb,
     stride_vh,
     stride_vs,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dqb,
+    stride_dqh,
+    stride_dqs,
     H,
     GROUP,
     S,
@@ -195,7 +226,9 @@ def attn_bwd_dq_kernel(
         other=0.0,
     )  # (BLOCK_M, BLOCK_D)
     do = tl.load(
-        DO + bh * S * D + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
     )
     lse = tl.load(LSE + bh * S + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * S + rows, mask=row_ok, other=0.0)
@@ -225,7 +258,7 @@ def attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
     tl.store(
-        DQ + bh * S * D + rows[:, None] * D + offs_d[None, :],
+        DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
         (dq * sm_scale).to(DQ.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )

@@ -4,6 +4,8 @@ One program per (BLOCK_M query rows, batch*head). Scores live in the log2 domain
 log2(e), so ``exp2`` replaces ``exp``); the kernel saves the per-row log2-sum-exp for the backward.
 Causal programs stop at their diagonal block (block skipping). Grouped-query attention: query head h
 reads kv head ``h // GROUP``. Head dims that are not a power of two are padded to BLOCK_D by masked loads.
+Q, K, V and OUT are addressed through their (b, h, s) strides (unit stride along D), so they may be
+views into a packed (S, B, heads, D) buffer.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def attn_fwd_kernel(
     Q,  # (B, H, S, D) queries, unit stride along D
     K,  # (B, HKV, S, D) keys, unit stride along D
     V,  # (B, HKV, S, D) values, unit stride along D
-    OUT,  # (B, H, S, D) out: attention output in Q's dtype
+    OUT,  # (B, H, S, D) out: attention output in Q's dtype, unit stride along D
     LSE,  # (B, H, S) fp32 out, contiguous: log2-sum-exp of the scaled (log2-domain) scores per query row
     SLOPES,  # (H,) fp32 ALiBi slopes; not read unless HAS_ALIBI
     stride_qb,

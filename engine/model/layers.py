@@ -99,8 +99,18 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
                                               enable_gqa=self.kv != self.h)
 
+    def _packed_core(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(S, B, (h + 2kv) * hd) -> (S, B, h * hd): the kernels read q/k/v and write the output and the
+        qkv gradient in the model's layout, so no permute copies and no concatenation of dq/dk/dv."""
+        return _kernels().attention_packed(qkv, self.h, self.kv, causal=True, alibi_slopes=self.alibi)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         qkv = self.qkv(x)  # (S, B, (h + 2kv) * hd)
+        dropout = self.cfg.dropout if self.training else 0.0
+        if self.use_kernels and rope is None and dropout == 0.0:
+            if self.selective_recompute and self.training:
+                return self.out(checkpoint(self._packed_core, qkv, use_reentrant=False))
+            return self.out(self._packed_core(qkv))
         S, B = qkv.shape[0], qkv.shape[1]
         q, k, v = qkv.split((self.h * self.hd, self.kv * self.hd, self.kv * self.hd), dim=-1)
         q = q.reshape(S, B, self.h, self.hd).permute(1, 2, 0, 3)  # (B, h, S, hd)
