@@ -14,12 +14,14 @@ from kernels.chunked_cross_entropy import (
 )
 from kernels.dispatch import use_triton
 from kernels.flash_attention import attention, attention_packed
+from kernels.gelu import bias_gelu
 from kernels.norm import layer_norm, rms_norm
 
 __all__ = [
     "adamw_",
     "attention",
     "attention_packed",
+    "bias_gelu",
     "combine_vocab_parallel_stats",
     "cross_entropy",
     "layer_norm",

@@ -27,6 +27,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return (xf * rstd * weight.float()).to(x.dtype)
 
 
+def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(h + bias) in fp32, returned in h's dtype; h (..., N), bias (N,).
+
+    h + bias is not rounded to h's dtype before the GELU (unfused, F.linear's bias add rounds it once
+    more): this is the fused kernel's semantics. Its autograd gives dh = dy * gelu'(h + bias) rounded
+    to h's dtype, and dbias = the fp32 column sum of the unrounded dh, in bias's dtype.
+    """
+    return F.gelu(h.float() + bias.float(), approximate="tanh").to(h.dtype)
+
+
 def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(H, S, S) ALiBi bias ``-slope * |i - j|`` (FlashAttention's convention; causal keeps j <= i)."""
     pos = torch.arange(seq_len, device=slopes.device, dtype=torch.float32)

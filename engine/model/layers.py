@@ -131,9 +131,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """gpt2: GELU(x W1) W2; llama: (SiLU(x Wg) * x Wu) Wd (SwiGLU, Shazeer 2020)."""
 
-    def __init__(self, cfg: ModelConfig, *, layer: int, seed: int, group, sequence_parallel: bool) -> None:
+    def __init__(self, cfg: ModelConfig, *, layer: int, seed: int, group, sequence_parallel: bool,
+                 use_kernels: bool = False) -> None:
         super().__init__()
         self.swiglu = cfg.arch == "llama"
+        self.use_kernels = use_kernels
         bias = cfg.arch == "gpt2"
         ffn = cfg.ffn
         blocks = (ffn, ffn) if self.swiglu else (ffn,)
@@ -145,6 +147,9 @@ class MLP(nn.Module):
                                       sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels and not self.swiglu and self.up.bias is not None:
+            # bias + GELU in one pass, and the bias gradient summed inside the GELU backward
+            return self.down(_kernels().bias_gelu(self.up(x, skip_bias_add=True), self.up.bias))
         h = self.up(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
@@ -170,7 +175,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer=layer, seed=seed, group=group, sequence_parallel=sequence_parallel,
                               use_kernels=use_kernels, selective_recompute=cfg.recompute == "selective", rng=rng)
         self.ln2 = Norm(cfg, use_kernels=use_kernels)
-        self.mlp = MLP(cfg, layer=layer, seed=seed, group=group, sequence_parallel=sequence_parallel)
+        self.mlp = MLP(cfg, layer=layer, seed=seed, group=group, sequence_parallel=sequence_parallel,
+                       use_kernels=use_kernels)
         self.dropout = cfg.dropout
         self.rng, self.sequence_parallel = rng, sequence_parallel
 

@@ -58,12 +58,13 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, skip_bias_add: bool = False) -> torch.Tensor:
+        """``skip_bias_add``: return x A^T only; the caller adds ``self.bias`` (fused into what follows)."""
         if self.sequence_parallel:
             x = mappings.gather_from_sequence_region(x, self.group)  # (S, B, in)
         else:
             x = mappings.copy_to_tensor_region(x, self.group)  # f: identity fwd, all-reduce bwd
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, None if skip_bias_add else self.bias)
 
 
 class RowParallelLinear(nn.Module):

@@ -36,6 +36,24 @@ def test_attention_cuda_bf16_matches_reference(dim, causal):
         assert _rel_err(g, g_ref) < 3e-2
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(16, 16), (8, 2)])
+def test_attention_packed_cuda_bf16_matches_reference(heads, kv_heads):
+    # the model's layout: (S, B, (h + 2 kv) * hd) in, (S, B, h * hd) out, one dqkv back
+    seq, batch, dim = 1000, 2, 64
+    qkv = torch.randn(seq, batch, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16,
+                      requires_grad=True)
+    out = kernels.attention_packed(qkv, heads, kv_heads)
+    dout = torch.randn_like(out)
+    (dqkv,) = torch.autograd.grad(out, (qkv,), dout)
+    heads_view = qkv.unflatten(-1, (heads + 2 * kv_heads, dim)).permute(1, 2, 0, 3)
+    q, k, v = heads_view[:, :heads], heads_view[:, heads:heads + kv_heads], heads_view[:, heads + kv_heads:]
+    out_ref = reference.attention(q, k, v, causal=True).permute(2, 0, 1, 3).reshape(seq, batch, heads * dim)
+    (dqkv_ref,) = torch.autograd.grad(out_ref, (qkv,), dout)
+    assert out.is_contiguous() and dqkv.is_contiguous()
+    assert _rel_err(out, out_ref) < 2e-2
+    assert _rel_err(dqkv, dqkv_ref) < 3e-2
+
+
 def test_norms_cuda_match_reference():
     x = torch.randn(4096, 5000, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(5000, device="cuda", dtype=torch.bfloat16)
