@@ -1,17 +1,41 @@
 """Fused LayerNorm and RMSNorm (forward and backward) over the last dimension.
 
-One row per program in the forward; statistics are fp32 whatever the input dtype. Rows longer than one
-block are walked in BLOCK_N chunks, so any hidden size works. The backward computes dx row by row and
-accumulates dweight/dbias into one fp32 partial row per program (a (G, N) buffer that stays in L2),
-which a final ``sum(0)`` reduces: no atomics, no locks, deterministic.
+Statistics are fp32 whatever the input dtype.
 
-No autotuner here: the backward accumulates into its partial buffer, so the autotuner's repeated
-benchmark launches would corrupt it. Block size and warps follow the row length instead.
+Rows of up to MAX_BLOCK_N (8192) elements take the SINGLE path: whole rows in registers, processed as 2-D
+tiles of BLOCK_M rows x BLOCK_N columns, so that one program's loads, row reductions (and their barriers)
+and stores cover several rows at once. Rows past the end of a program's range or of the tensor are masked,
+so neither M nor the rows per program need be a multiple of BLOCK_M.
+
+* Forward: one tile per program, ``cdiv(M, BLOCK_M)`` programs, BLOCK_M * BLOCK_N ~ FWD_TILE (so BLOCK_M > 1
+  only for rows shorter than 4096), one warp per 512 tile elements.
+* Backward: a fixed grid of programs, each walking a contiguous range of rows one tile per iteration. It
+  sums dweight (and dbias) over its rows in fp32 registers and writes them once, as its own row of a (G, N)
+  fp32 partial buffer (written, not accumulated into: no memset). The launch heuristic (``_bwd_config``):
+  all of a program's warps lie along the row (at most BWD_MAX_WARPS, BLOCK_N / 256 of them; 16 for rows of
+  8192), so the per-tile sums over the tile's rows stay within each thread; BLOCK_M then gives each thread
+  BWD_ELEMS_PER_THREAD (16) tile elements, which with the fp32 temporaries is ~110-128 registers; and the
+  grid is as many programs per SM as fit the register file at BWD_REGS (128) registers per thread, with
+  ptxas capped there (maxnreg) so that they are all resident at once. For bf16 on an H100 that is: hidden
+  1024: BLOCK_M 2, 4 warps, 4 programs/SM; 2048: 2, 8, 2; 4096: 1, 8, 2; 8192: 1, 16, 1. The tile loop is
+  software-pipelined 3 deep, which keeps the next tile's x and dy loads in flight while a tile is reduced.
+  These are reasoned from the compiled code (registers, spills, barriers per iteration, checked by
+  tests/kernels/test_kernels_compile.py), not yet measured: tools/gpu_norm_sweep.py sweeps the knobs.
+
+Longer rows take the chunked path, walked in BLOCK_N chunks: one row per program in the forward; one row per
+iteration in the backward, whose program zeroes its partial row first and read-add-writes it per row.
+
+A second small kernel sums the G partial rows column-wise in fp32 and writes dweight and dbias in the
+parameters' dtypes, in one launch: no atomics, no locks, deterministic.
+
+No autotuner (its repeated benchmark launches would run a configuration per call): the block shapes follow
+the row length, and the knobs are module-level constants read at every call.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -19,6 +43,11 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.dispatch import interpreting, launchable, use_triton
+
+
+@triton.jit
+def _add_pair(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
 
 
 @triton.jit
@@ -31,34 +60,40 @@ def _norm_fwd_kernel(
     RSTD,  # (M,) fp32 reciprocal standard deviations (RMSNorm: reciprocal root mean square)
     stride_x,
     stride_y,
+    M,
     N,
     eps,
     IS_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program (SINGLE path; 1 otherwise)
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,  # N <= BLOCK_N: one block per row, no chunk loop
 ):
-    row = tl.program_id(0).to(tl.int64)
-    X += row * stride_x
-    Y += row * stride_y
     if SINGLE:
-        # the whole row fits one block: read x once and keep it in registers
+        # BLOCK_M whole rows in registers: x is read once
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
         cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
-        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = 0.0
-        if not IS_RMS:
-            mean = tl.sum(x, axis=0) / N
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
-        if not IS_RMS:
-            tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
-        y = xc * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        col_mask = cols < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if IS_RMS:
+            xc = x  # zero where masked
+        else:
+            mean = tl.sum(x, axis=1) / N
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            tl.store(MEAN + rows, mean, mask=row_mask)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * w[None, :]
         if HAS_BIAS:
-            y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+            y += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
+        row = tl.program_id(0).to(tl.int64)
+        X += row * stride_x
+        Y += row * stride_y
         mean = 0.0
         if not IS_RMS:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -96,19 +131,20 @@ def _norm_bwd_kernel(
     W,  # (N,) weight
     MEAN,  # (M,) fp32 row means from the forward; not read for RMSNorm
     RSTD,  # (M,) fp32 reciprocal std from the forward
-    DW_PART,  # (G, N) fp32 zeros in: program g accumulates sum over its rows of dy * xhat into row g
-    DB_PART,  # (G, N) fp32 zeros in: program g accumulates sum of dy; not written unless HAS_BIAS
+    DW_PART,  # (G, N) fp32, written: row g = sum over program g's rows of dy * xhat
+    DB_PART,  # (G, N) fp32, written: row g = sum over program g's rows of dy; only if HAS_BIAS
     stride_x,
     stride_dy,
     stride_dx,
     M,
     N,
-    rows_per_program,
+    rows_per_program,  # program g handles rows [g * rows_per_program, (g + 1) * rows_per_program) & [0, M)
     IS_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per tile (SINGLE path; 1 otherwise)
     BLOCK_N: tl.constexpr,
-    SINGLE: tl.constexpr,  # N <= BLOCK_N: rows held in registers, dweight/dbias summed there
-    STAGES: tl.constexpr,  # software-pipelining depth of the row loop (SINGLE path)
+    SINGLE: tl.constexpr,  # N <= BLOCK_N: tiles held in registers, dweight/dbias summed there
+    STAGES: tl.constexpr,  # software-pipelining depth of the tile loop (SINGLE path)
 ):
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_program
@@ -116,37 +152,57 @@ def _norm_bwd_kernel(
     DW_PART += pid.to(tl.int64) * N
     DB_PART += pid.to(tl.int64) * N
     if SINGLE:
-        # whole rows in registers: x and dy read once per row, dweight/dbias summed in registers and
-        # written once per program
         cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        col_mask = cols < N
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        # STAGES > 1 lets the compiler prefetch the next rows' x and dy while this row reduces
-        for row in tl.range(row_start, row_end, num_stages=STAGES):
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = 0.0
-            if not IS_RMS:
-                mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
-            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-            wdy = w * dy
-            c1 = tl.sum(xhat * wdy, axis=0) / N
+        # STAGES > 2 lets the compiler fetch the next tiles' x and dy (into shared memory) while this one is
+        # reduced; with STAGES == 2 the copy is issued at the end of an iteration and awaited at the start
+        # of the next, so nothing overlaps
+        for start in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            # masked rows and columns load 0 (and rstd 0), so they add nothing to the sums below
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
             if IS_RMS:
-                dx = (wdy - xhat * c1) * rstd
+                xhat = x * rstd
             else:
-                c2 = tl.sum(wdy, axis=0) / N
-                dx = (wdy - xhat * c1 - c2) * rstd
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dy * xhat
+                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            wdy = w * dy
+            # dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)); the last term only for LayerNorm
+            if IS_RMS:
+                c1 = tl.sum(xhat * wdy, axis=1) / N
+                dx = (wdy - xhat * c1[:, None]) * rstd
+            else:
+                # both row sums in one reduction: one shared-memory exchange (and barrier) instead of two
+                s1, s2 = tl.reduce((xhat * wdy, wdy), 1, _add_pair)
+                dx = (wdy - xhat * (s1 / N)[:, None] - (s2 / N)[:, None]) * rstd
+            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            # sums over the tile's rows: within each thread when the warps all lie along the row (which the
+            # launch heuristic arranges), else through shared memory
             if HAS_BIAS:
-                db_acc += dy
-        tl.store(DW_PART + cols, dw_acc, mask=mask)
+                dw_rows, db_rows = tl.reduce((dy * xhat, dy), 0, _add_pair)
+                dw_acc += dw_rows
+                db_acc += db_rows
+            else:
+                dw_acc += tl.sum(dy * xhat, axis=0)
+        tl.store(DW_PART + cols, dw_acc, mask=col_mask)
         if HAS_BIAS:
-            tl.store(DB_PART + cols, db_acc, mask=mask)
+            tl.store(DB_PART + cols, db_acc, mask=col_mask)
     else:
+        # this program owns row pid of the partial buffers (uninitialised memory): zero it, then
+        # read-add-write it once per row; no other program touches it, so there is no race
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            tl.store(DW_PART + cols, tl.zeros([BLOCK_N], dtype=tl.float32), mask=cols < N)
+            if HAS_BIAS:
+                tl.store(DB_PART + cols, tl.zeros([BLOCK_N], dtype=tl.float32), mask=cols < N)
+        tl.debug_barrier()  # the zeros are visible to whichever thread reads them back below
         for row in range(row_start, row_end):
             x_row = X + row * stride_x
             dy_row = DY + row * stride_dy
@@ -155,7 +211,6 @@ def _norm_bwd_kernel(
             if not IS_RMS:
                 mean = tl.load(MEAN + row)
             rstd = tl.load(RSTD + row)
-            # dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)); the last term only for LayerNorm
             acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
@@ -181,12 +236,39 @@ def _norm_bwd_kernel(
                 else:
                     dx = (w * dy - xhat * c1 - c2) * rstd
                 tl.store(dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
-                # this program owns row pid of the partial buffers: plain read-add-write, no race
                 dw = tl.load(DW_PART + cols, mask=mask, other=0.0) + dy * xhat
                 tl.store(DW_PART + cols, dw, mask=mask)
                 if HAS_BIAS:
                     db = tl.load(DB_PART + cols, mask=mask, other=0.0) + dy
                     tl.store(DB_PART + cols, db, mask=mask)
+
+
+@triton.jit
+def _partials_sum_kernel(
+    DW_PART,  # (G, N) fp32 partial rows of dweight
+    DB_PART,  # (G, N) fp32 partial rows of dbias; not read unless HAS_BIAS
+    DW,  # (N,) out: column sums of DW_PART, in DW's dtype
+    DB,  # (N,) out: column sums of DB_PART, in DB's dtype; not written unless HAS_BIAS
+    G,
+    N,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dw = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for start in range(0, G, BLOCK_G):
+        groups = start + tl.arange(0, BLOCK_G)
+        mask = (groups < G)[:, None] & col_mask[None, :]
+        offsets = groups.to(tl.int64)[:, None] * N + cols[None, :]
+        dw += tl.load(DW_PART + offsets, mask=mask, other=0.0)
+        if HAS_BIAS:
+            db += tl.load(DB_PART + offsets, mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
 
 
 @functools.cache
@@ -195,34 +277,171 @@ def _sm_count(index: int | None) -> int:
                                             ).multi_processor_count
 
 
-def _launch_config(n: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for rows of length n."""
+# Launch knobs: module-level, read at every call, so that tools/gpu_norm_sweep.py can sweep them on a GPU.
+MAX_BLOCK_N = 8192  # rows of up to this many elements take the SINGLE path (whole rows in registers)
+MAX_BLOCK_M = 16
+# forward: BLOCK_M rows per program so that a tile holds ~FWD_TILE elements, one warp per FWD_ELEMS_PER_WARP
+# of them (16 per thread, as with one row of 4096 on 8 warps); rows of 4096 and more: one row per program
+FWD_TILE = 4096
+FWD_ELEMS_PER_WARP = 512
+# backward: a program has min(BWD_MAX_WARPS, BLOCK_N / 256) warps, so that all of them lie along the row (a
+# warp covers 32 lanes x one 16-byte vector, 256 bf16 elements) and the per-tile sums of dweight/dbias over
+# the tile's rows stay within each thread; rows too long for that many warps get up to 16. BLOCK_M is then
+# what gives each thread BWD_ELEMS_PER_THREAD elements of the tile. With the fp32 temporaries that is ~110-128
+# registers per thread (tests/kernels/test_kernels_compile.py checks that ptxas does not spill at BWD_REGS).
+BWD_ELEMS_PER_THREAD = 16
+BWD_MAX_WARPS = 8
+BWD_WARPS: int | None = None  # overrides the warps above
+BWD_REGS = 128
+# backward programs (and fp32 partial rows) per SM. None: as many as fit the register file at BWD_REGS
+# registers per thread (65536 / (BWD_REGS x threads), at most 8). ptxas is capped (maxnreg) so that this many
+# programs are resident on an SM at once: a second wave would leave the SMs half empty most of the time.
+PARTIALS_PER_SM: int | None = None
+# software-pipelining depth of the backward's tile loop: 3 keeps one tile's loads in flight while the
+# previous one is reduced (Triton 3.9 issues and awaits the only copy back to back at depth 2)
+BWD_STAGES = 3
+# the partial-row reduction: BLOCK_G partial rows x BLOCK_N columns per step, one program per BLOCK_N columns
+REDUCE_BLOCK_G = 128
+REDUCE_BLOCK_N = 16
+REDUCE_WARPS = 4
+# under the interpreter: small blocks, so that tiny test shapes walk the chunk loop (rows longer than 64)
+# and tiles of several rows (INTERPRET_TILE / BLOCK_N rows: 4 for rows of 33-64, 16 for rows of 16 or less)
+INTERPRET_MAX_BLOCK_N = 64
+INTERPRET_TILE = 256
+REGISTERS_PER_SM = 65536
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+def _block_n(n: int, interp: bool) -> tuple[int, bool]:
+    """(BLOCK_N, SINGLE) for rows of length n."""
+    block_n = min(triton.next_power_of_2(n), INTERPRET_MAX_BLOCK_N if interp else MAX_BLOCK_N)
+    return block_n, n <= block_n
+
+
+def _rows_per_tile(tile: int, block_n: int) -> int:
+    return min(_pow2_floor(tile // block_n), MAX_BLOCK_M)
+
+
+def _fwd_config(n: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, SINGLE, num_warps) of the forward."""
+    interp = interpreting()
+    block_n, single = _block_n(n, interp)
+    if not single:
+        return 1, block_n, False, 1 if interp else min(max(block_n // FWD_ELEMS_PER_WARP, 1), 16)
+    block_m = _rows_per_tile(INTERPRET_TILE if interp else FWD_TILE, block_n)
+    return block_m, block_n, True, 1 if interp else min(max(block_m * block_n // FWD_ELEMS_PER_WARP, 1), 16)
+
+
+class _BwdConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    single: bool
+    num_warps: int
+    programs: int  # also the number of fp32 partial rows
+    rows_per_program: int  # a multiple of block_m
+    stages: int
+    maxnreg: int | None  # ptxas register cap per thread (None under the interpreter)
+
+
+def _bwd_config(m: int, n: int, device: torch.device) -> _BwdConfig:
+    """The backward's launch configuration for m rows of length n."""
     if interpreting():
-        # small chunks so that tiny test shapes still walk the multi-chunk loop (rows up to 64: one block)
-        return min(triton.next_power_of_2(n), 64), 1
-    block = min(triton.next_power_of_2(n), 8192)
-    return block, min(max(block // 512, 1), 16)
-
-
-# Backward launch settings, from tools/gpu_norm_sweep.py on an H100 (16384 x 4096 bf16): the row loop is
-# latency-bound, so wide programs (16 warps), few partial rows and a 2-deep prefetch of the next row did
-# best among warps {8, 16} x partials/SM {1, 2, 4} x stages {1, 2, 3}.
-PARTIALS_PER_SM = 2
-BWD_STAGES = 2
-BWD_WARPS: int | None = None  # None: twice the forward's, at most 16
-
-
-def _num_partials(m: int, device: torch.device) -> int:
-    """How many programs (and fp32 partial rows) the backward uses."""
-    if device.type == "cuda":
-        return max(1, min(m, PARTIALS_PER_SM * _sm_count(device.index)))
-    return max(1, min(m, 4))
+        block_n, single = _block_n(n, True)
+        block_m = _rows_per_tile(INTERPRET_TILE, block_n) if single else 1
+        warps, stages, maxnreg, target = 1, 1, None, 4
+    else:
+        block_n, single = _block_n(n, False)
+        along_row = min(max(block_n // 256, 1), BWD_MAX_WARPS)
+        warps = BWD_WARPS or min(max(along_row, block_n // (32 * BWD_ELEMS_PER_THREAD)), 16)
+        block_m = _rows_per_tile(BWD_ELEMS_PER_THREAD * 32 * warps, block_n) if single else 1
+        threads = 32 * warps
+        per_sm = PARTIALS_PER_SM or min(max(REGISTERS_PER_SM // (BWD_REGS * threads), 1), 8)
+        maxnreg = min(REGISTERS_PER_SM // (per_sm * threads) // 8 * 8, 255)
+        stages = BWD_STAGES
+        target = per_sm * _sm_count(device.index) if device.type == "cuda" else 4
+    # whole tiles per program, so that only the last program's last tile is partly masked
+    programs = max(1, min(target, triton.cdiv(m, block_m)))
+    per = max(triton.cdiv(triton.cdiv(m, programs), block_m), 1) * block_m
+    return _BwdConfig(block_m, block_n, single, warps, max(triton.cdiv(m, per), 1), per, stages, maxnreg)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     # (..., N) -> (M, N) with unit column stride
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch_bwd(
+    cfg: _BwdConfig,
+    x2: torch.Tensor,
+    dy2: torch.Tensor,
+    dx: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dw_part: torch.Tensor,
+    db_part: torch.Tensor | None,
+    is_rms: bool,
+) -> Any:
+    """dx, and the (cfg.programs, N) fp32 partial rows of dweight (and dbias when db_part is given).
+
+    Returns what the launch returns (on a GPU the compiled kernel, whose n_regs/n_spills the sweep prints).
+    """
+    kernel, _ = launchable(_norm_bwd_kernel)
+    return kernel[(cfg.programs,)](
+        x2,
+        dy2,
+        dx,
+        weight,
+        mean,
+        rstd,
+        dw_part,
+        db_part if db_part is not None else dw_part,
+        x2.stride(0),
+        dy2.stride(0),
+        dx.stride(0),
+        x2.shape[0],
+        x2.shape[1],
+        cfg.rows_per_program,
+        IS_RMS=is_rms,
+        HAS_BIAS=db_part is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        SINGLE=cfg.single,
+        STAGES=cfg.stages,
+        num_warps=cfg.num_warps,
+        maxnreg=cfg.maxnreg,
+    )
+
+
+def _sum_partials(
+    dw_part: torch.Tensor, db_part: torch.Tensor | None, w_dtype: torch.dtype, b_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Column sums of the (G, N) fp32 partial rows, in the parameters' dtypes (one launch for both)."""
+    g, n = dw_part.shape
+    dw = torch.empty(n, dtype=w_dtype, device=dw_part.device)
+    db = torch.empty(n, dtype=b_dtype, device=dw_part.device) if db_part is not None else None
+    if interpreting():
+        block_g, block_n, warps = 4, 16, 1
+    else:
+        block_g, block_n, warps = REDUCE_BLOCK_G, REDUCE_BLOCK_N, REDUCE_WARPS
+    kernel, _ = launchable(_partials_sum_kernel)
+    kernel[(triton.cdiv(n, block_n),)](
+        dw_part,
+        db_part if db_part is not None else dw_part,
+        dw,
+        db if db is not None else dw,
+        g,
+        n,
+        HAS_BIAS=db_part is not None,
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        num_warps=warps,
+    )
+    return dw, db
 
 
 class _NormFunction(torch.autograd.Function):
@@ -236,27 +455,30 @@ class _NormFunction(torch.autograd.Function):
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         mean = torch.empty(m, dtype=torch.float32, device=x.device)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        block, warps = _launch_config(n, x.device)
-        kernel, _ = launchable(_norm_fwd_kernel)
-        kernel[(m,)](
-            x2,
-            y,
-            weight,
-            bias_c,
-            mean,
-            rstd,
-            x2.stride(0),
-            y.stride(0),
-            n,
-            eps,
-            IS_RMS=is_rms,
-            HAS_BIAS=bias is not None,
-            BLOCK_N=block,
-            SINGLE=n <= block,
-            num_warps=warps,
-        )
+        block_m, block_n, single, warps = _fwd_config(n)
+        if m:
+            kernel, _ = launchable(_norm_fwd_kernel)
+            kernel[(triton.cdiv(m, block_m),)](
+                x2,
+                y,
+                weight,
+                bias_c,
+                mean,
+                rstd,
+                x2.stride(0),
+                y.stride(0),
+                m,
+                n,
+                eps,
+                IS_RMS=is_rms,
+                HAS_BIAS=bias is not None,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                SINGLE=single,
+                num_warps=warps,
+            )
         ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.has_bias, ctx.is_rms, ctx.shape = bias is not None, is_rms, shape
+        ctx.bias_dtype, ctx.is_rms, ctx.shape = bias.dtype if bias is not None else None, is_rms, shape
         return y.view(shape)
 
     @staticmethod
@@ -265,35 +487,13 @@ class _NormFunction(torch.autograd.Function):
         m, n = x2.shape
         dy2 = _rows(dy)
         dx = torch.empty_like(x2)
-        groups = _num_partials(m, x2.device)
-        dw_part = torch.zeros((groups, n), dtype=torch.float32, device=x2.device)
-        db_part = torch.zeros((groups, n), dtype=torch.float32, device=x2.device) if ctx.has_bias else dw_part
-        block, warps = _launch_config(n, x2.device)
-        kernel, _ = launchable(_norm_bwd_kernel)
-        kernel[(groups,)](
-            x2,
-            dy2,
-            dx,
-            weight,
-            mean,
-            rstd,
-            dw_part,
-            db_part,
-            x2.stride(0),
-            dy2.stride(0),
-            dx.stride(0),
-            m,
-            n,
-            triton.cdiv(m, groups),
-            IS_RMS=ctx.is_rms,
-            HAS_BIAS=ctx.has_bias,
-            BLOCK_N=block,
-            SINGLE=n <= block,
-            STAGES=1 if interpreting() else BWD_STAGES,
-            num_warps=warps if interpreting() else (BWD_WARPS or min(2 * warps, 16)),
-        )
-        dw = dw_part.sum(0).to(weight.dtype)
-        db = db_part.sum(0).to(weight.dtype) if ctx.has_bias else None
+        has_bias = ctx.bias_dtype is not None
+        cfg = _bwd_config(m, n, x2.device)
+        # every program writes its whole partial row(s): no zero-fill needed
+        dw_part = torch.empty((cfg.programs, n), dtype=torch.float32, device=x2.device)
+        db_part = torch.empty((cfg.programs, n), dtype=torch.float32, device=x2.device) if has_bias else None
+        _launch_bwd(cfg, x2, dy2, dx, weight, mean, rstd, dw_part, db_part, ctx.is_rms)
+        dw, db = _sum_partials(dw_part, db_part, weight.dtype, ctx.bias_dtype)
         return dx.view(ctx.shape), dw, db, None, None
 
 

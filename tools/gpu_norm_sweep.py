@@ -1,8 +1,24 @@
-"""Sweep the LayerNorm/RMSNorm backward's launch settings on CUDA (warps, partial rows per SM, pipelining
-depth of the row loop), beside torch. PYTHONPATH=. python tools/gpu_norm_sweep.py  (bwd bytes: x, dy read, dx written)
+"""Sweep the LayerNorm/RMSNorm launch knobs of kernels/norm.py on CUDA, beside torch (bf16 activations/weights).
+
+PYTHONPATH=. python tools/gpu_norm_sweep.py [--shapes 16384x4096,8192x1024] [--ops layer_norm,rms_norm]
+
+For each shape and op, three phases (each starts from the module's defaults plus the best of the previous
+phases; A and B pick by backward time, C by forward time):
+
+  A. backward tile and warps: BWD_ELEMS_PER_THREAD (so BLOCK_M) x BWD_WARPS, at the default programs/SM and stages
+  B. backward programs per SM (PARTIALS_PER_SM; it also sets the register cap) x BWD_STAGES
+  C. forward tile: FWD_TILE (BLOCK_M rows per forward program)
+
+Bytes counted: backward 3 x |x| (read x and dy, write dx), forward 2 x |x|, fwd+bwd 5 x |x|; the partial
+rows and parameters are left out. "% copy" is against a torch copy of x (read + write) on the same GPU.
+Every Triton row is checked against torch first (max |error| / max |value| of dx, dweight, dbias); `regs` and
+`spills` are what the driver reports for the backward kernel as launched.
 """
 
 from __future__ import annotations
+
+import argparse
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -11,28 +27,132 @@ from triton.testing import do_bench
 import kernels
 import kernels.norm as norm
 
+KNOBS = ("BWD_ELEMS_PER_THREAD", "BWD_WARPS", "PARTIALS_PER_SM", "BWD_STAGES", "FWD_TILE")
+DEFAULTS = {k: getattr(norm, k) for k in KNOBS}
+
+
+def set_knobs(**values) -> None:
+    for k in KNOBS:
+        setattr(norm, k, values.get(k, DEFAULTS[k]))
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+class Case:
+    def __init__(self, rows: int, hidden: int, op: str) -> None:
+        self.rows, self.hidden, self.op = rows, hidden, op
+        dev, bf16 = "cuda", torch.bfloat16
+        self.x = torch.randn(rows, hidden, device=dev, dtype=bf16, requires_grad=True)
+        self.w = (1 + 0.1 * torch.randn(hidden, device=dev)).to(bf16).requires_grad_(True)
+        self.b = (0.1 * torch.randn(hidden, device=dev)).to(bf16).requires_grad_(True) if op == "layer_norm" else None
+        self.dy = torch.randn_like(self.x)
+        self.leaves = [t for t in (self.x, self.w, self.b) if t is not None]
+        self.nbytes = self.x.numel() * self.x.element_size()
+        if op == "layer_norm":
+            self.ours = lambda: kernels.layer_norm(self.x, self.w, self.b)
+            self.torch = lambda: F.layer_norm(self.x, (hidden,), self.w, self.b)
+        else:
+            self.ours = lambda: kernels.rms_norm(self.x, self.w, 1e-6)
+            self.torch = lambda: F.rms_norm(self.x, (hidden,), self.w, 1e-6)
+        self.expected = torch.autograd.grad(self.torch(), self.leaves, self.dy)
+
+    def grads(self, fn):
+        return torch.autograd.grad(fn(), self.leaves, self.dy)
+
+    def times(self, fn) -> tuple[float, float, float]:
+        """(fwd, bwd, fwd+bwd) in ms."""
+        fwd = ms(lambda: fn())
+        y = fn()
+        bwd = ms(lambda: torch.autograd.grad(y, self.leaves, self.dy, retain_graph=True))
+        both = ms(lambda: self.grads(fn))
+        return fwd, bwd, both
+
+    def bwd_kernel_resources(self) -> str:
+        """Registers and spills of the backward kernel at the current knobs (one direct launch)."""
+        x2, w = self.x.detach(), self.w.detach()
+        xf = x2.float()
+        rstd = torch.rsqrt(xf.var(-1, unbiased=False) + 1e-5)
+        mean = xf.mean(-1)
+        cfg = norm._bwd_config(self.rows, self.hidden, x2.device)
+        dw_part = torch.empty(cfg.programs, self.hidden, device=x2.device)
+        db_part = torch.empty_like(dw_part) if self.b is not None else None
+        k = norm._launch_bwd(cfg, x2, self.dy, torch.empty_like(x2), w, mean, rstd, dw_part, db_part,
+                             self.op == "rms_norm")
+        return f"{getattr(k, 'n_regs', '?')} | {getattr(k, 'n_spills', '?')}"
+
+
+def row(case: Case, label: str, copy_gbs: float, fn, check: bool) -> tuple[tuple[float, float, float], str]:
+    fwd, bwd, both = case.times(fn)
+    n = case.nbytes
+    gbs = [2 * n / fwd / 1e6, 3 * n / bwd / 1e6, 5 * n / both / 1e6]
+    if check:
+        err = max(rel_err(g, e) for g, e in zip(case.grads(fn), case.expected))
+        cfg = norm._bwd_config(case.rows, case.hidden, case.x.device)
+        fwd_cfg = norm._fwd_config(case.hidden)
+        extra = (f"{fwd_cfg[0]} / {fwd_cfg[3]} | {cfg.block_m} | {cfg.num_warps} | {cfg.programs} | "
+                 f"{cfg.stages} | {cfg.maxnreg} | {case.bwd_kernel_resources()} | "
+                 f"{'ok' if err < 3e-2 else 'BAD'} {err:.1e}")
+    else:
+        extra = " | ".join(["-"] * 9)
+    cells = " | ".join(f"{g:.0f} ({100 * g / copy_gbs:.0f}%)" for g in gbs)
+    return (fwd, bwd, both), f"| {label} | {cells} | {extra} |"
+
+
+HEADER = ("| setting | fwd GB/s (% copy) | bwd GB/s (% copy) | fwd+bwd GB/s (% copy) | fwd BLOCK_M / warps | "
+          "bwd BLOCK_M | warps | programs | stages | maxnreg | regs | spills | check |\n" + "|---" * 13 + "|")
+
+
+def phase(case: Case, title: str, copy_gbs: float, base: dict, grid: dict, by: int = 1) -> dict:
+    """Times every combination of `grid` on top of `base`; returns base updated with the fastest one, by
+    forward (by=0), backward (1) or fwd+bwd (2) time."""
+    print(f"\n#### {case.op} {case.rows}x{case.hidden}: {title}\n\n{HEADER}")
+    set_knobs()
+    print(row(case, "torch", copy_gbs, case.torch, check=False)[1])
+    best, best_t = dict(base), float("inf")
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        knobs = {**base, **dict(zip(keys, values))}
+        set_knobs(**knobs)
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+        try:
+            times, line = row(case, label, copy_gbs, case.ours, check=True)
+        except Exception as err:  # a setting the compiler rejects (e.g. out of shared memory): report, go on
+            print(f"| {label} | failed: {type(err).__name__}: {str(err)[:120]} |")
+            continue
+        print(line, flush=True)
+        if times[by] < best_t:
+            best, best_t = knobs, times[by]
+    set_knobs()
+    return best
+
 
 def main() -> None:
-    rows, hidden = 16384, 4096
-    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    b = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn_like(x)
-    nbytes = x.numel() * 2
-    print("| op | warps | partials/SM | stages | bwd GB/s (median of 2 runs) |\n|---|---|---|---|---|")
-    for name, fn, ref in (("layer_norm", lambda: kernels.layer_norm(x, w, b),
-                           lambda: F.layer_norm(x, (hidden,), w, b)),
-                          ("rms_norm", lambda: kernels.rms_norm(x, w), lambda: F.rms_norm(x, (hidden,), w, 1e-6))):
-        settings = [("torch", None, None, None)] + [
-            ("triton", wp, ps, st) for wp in (8, 16) for ps in (1, 2, 4) for st in (1, 2, 3)]
-        for label, warps, per_sm, stages in settings:
-            if warps:
-                norm.BWD_WARPS, norm.PARTIALS_PER_SM, norm.BWD_STAGES = warps, per_sm, stages
-            y = (ref if label == "torch" else fn)()
-            ts = [do_bench(lambda y=y: torch.autograd.grad(y, (x, w), dy, retain_graph=True), return_mode="median")
-                  for _ in range(2)]
-            print(f"| {name} {label} | {warps} | {per_sm} | {stages} | {3 * nbytes / max(ts) / 1e6:.0f} "
-                  f"({3 * nbytes / min(ts) / 1e6:.0f}) |")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="16384x4096,8192x1024")
+    parser.add_argument("--ops", default="layer_norm,rms_norm")
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, defaults: {DEFAULTS}")
+    for shape in args.shapes.split(","):
+        rows, hidden = map(int, shape.split("x"))
+        src = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        copy_gbs = 2 * src.numel() * 2 / ms(lambda: dst.copy_(src)) / 1e6  # noqa: B023
+        print(f"\n### {rows}x{hidden} bf16: torch copy {copy_gbs:.0f} GB/s")
+        for op in args.ops.split(","):
+            case = Case(rows, hidden, op)
+            best = phase(case, "A. backward tile x warps", copy_gbs, {},
+                         {"BWD_ELEMS_PER_THREAD": (8, 16, 32), "BWD_WARPS": (None, 4, 8, 16)})
+            best = phase(case, "B. backward programs/SM x stages", copy_gbs, best,
+                         {"PARTIALS_PER_SM": (None, 1, 2, 4, 8), "BWD_STAGES": (1, 2, 3, 4)})
+            best = phase(case, "C. forward tile", copy_gbs, best,
+                         {"FWD_TILE": (hidden, 2048, 4096, 8192, 16384)}, by=0)
+            print(f"\nbest for {op} {rows}x{hidden} (A, B by backward time, C by forward): {best or 'the defaults'}")
 
 
 if __name__ == "__main__":

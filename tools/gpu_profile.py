@@ -1,6 +1,7 @@
 """Profile one configuration of ``python -m engine.bench mfu`` on CUDA: where a Trident step's time goes.
 
-PYTHONPATH=. python tools/gpu_profile.py [--model gpt2-350m] [--seq 1024] [--micro-batch 8] [--steps 3] [--trace out.json]
+PYTHONPATH=. python tools/gpu_profile.py [--model gpt2-350m] [--seq 1024] [--micro-batch 8] [--steps 3]
+    [--trace out.json]
 Prints the top CUDA kernels by total device time, the top CPU ops, and the step's wall time against the
 sum of its kernel times (a large gap means the step is bound by the host, not the GPU).
 """

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.getcwd())
 os.environ.pop("TRITON_INTERPRET", None)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import adamw, attention_bwd, attention_fwd, chunked_cross_entropy, norm  # noqa: E402
+from kernels import adamw, attention_bwd, attention_fwd, chunked_cross_entropy, gelu, norm  # noqa: E402
 
 BF16 = "*bf16"
 F32 = "*fp32"
@@ -25,21 +30,6 @@ ATTN = dict(
     CAUSAL=True, HAS_ALIBI=True, DOT_PRECISION="tf32", UPCAST_DOT=False, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64
 )
 CASES = {
-    "norm_fwd": (
-        norm._norm_fwd_kernel,
-        dict(X=BF16, Y=BF16, W=F32, B=F32, MEAN=F32, RSTD=F32, eps="fp32"),
-        dict(IS_RMS=False, HAS_BIAS=True, BLOCK_N=1024, SINGLE=True),
-    ),
-    "norm_bwd": (
-        norm._norm_bwd_kernel,
-        dict(X=BF16, DY=BF16, DX=BF16, W=F32, MEAN=F32, RSTD=F32, DW_PART=F32, DB_PART=F32),
-        dict(IS_RMS=True, HAS_BIAS=False, BLOCK_N=1024, SINGLE=True, STAGES=norm.BWD_STAGES),
-    ),
-    "norm_bwd_chunked": (
-        norm._norm_bwd_kernel,
-        dict(X=BF16, DY=BF16, DX=BF16, W=F32, MEAN=F32, RSTD=F32, DW_PART=F32, DB_PART=F32),
-        dict(IS_RMS=False, HAS_BIAS=True, BLOCK_N=1024, SINGLE=False, STAGES=1),
-    ),
     "adamw": (
         adamw._adamw_kernel,
         dict(
@@ -109,20 +99,124 @@ CASES = {
         ),
         ATTN,
     ),
+    # the attention kernels' new (b, h, s) stride arguments are i32 scalars, the default
+    "attn_pre": (
+        attention_bwd.attn_bwd_preprocess_kernel,
+        dict(OUT=BF16, DO=BF16, DELTA=F32),
+        dict(BLOCK_M=64, BLOCK_D=64),
+    ),
 }
+
+# The norm kernels at the launch configurations kernels/norm.py picks on a GPU (num_warps, BLOCK_M, maxnreg,
+# pipelining depth), for bf16 activations and fp32 weights. Triton specialises pointers (16-byte aligned) and
+# integers divisible by 16 at launch: hidden sizes and row strides are, so the cases are compiled that way
+# (vectorised loads; without it every element is its own load and the register counts mean nothing).
+# ptxas then reports registers and spills: the test asserts there are no spills.
+NORM_DIVISIBLE = (
+    "X", "Y", "DY", "DX", "W", "B", "MEAN", "RSTD", "DW_PART", "DB_PART", "DW", "DB",
+    "N", "stride_x", "stride_y", "stride_dy", "stride_dx",
+)  # fmt: skip
+NORM_FWD_TYPES = dict(X=BF16, Y=BF16, W=F32, B=F32, MEAN=F32, RSTD=F32, eps="fp32")
+NORM_BWD_TYPES = dict(X=BF16, DY=BF16, DX=BF16, W=F32, MEAN=F32, RSTD=F32, DW_PART=F32, DB_PART=F32)
+
+
+def _norm_cases() -> dict:
+    cases = {}
+    for n in (1024, 4096, 8192):
+        block_m, block_n, single, warps = norm._fwd_config(n)
+        cases[f"norm_fwd_{n}"] = (
+            norm._norm_fwd_kernel,
+            NORM_FWD_TYPES,
+            dict(IS_RMS=False, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single),
+            dict(num_warps=warps, divisible=NORM_DIVISIBLE, ptxas=True),
+        )
+    # LayerNorm with bias needs the most registers; 16384 takes the chunked path
+    for n, kinds in ((1024, ("ln", "rms")), (2048, ("ln",)), (4096, ("ln", "rms")), (8192, ("ln", "rms")),
+                     (16384, ("ln",))):
+        cfg = norm._bwd_config(16384, n, torch.device("cpu"))
+        for kind in kinds:
+            cases[f"norm_bwd_{kind}_{n}"] = (
+                norm._norm_bwd_kernel,
+                NORM_BWD_TYPES,
+                dict(IS_RMS=kind == "rms", HAS_BIAS=kind == "ln", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                     SINGLE=cfg.single, STAGES=cfg.stages),
+                dict(num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, divisible=NORM_DIVISIBLE, ptxas=True),
+            )
+    cases["norm_partials_sum"] = (
+        norm._partials_sum_kernel,
+        dict(DW_PART=F32, DB_PART=F32, DW=BF16, DB=BF16),
+        dict(HAS_BIAS=True, BLOCK_G=norm.REDUCE_BLOCK_G, BLOCK_N=norm.REDUCE_BLOCK_N),
+        dict(num_warps=norm.REDUCE_WARPS, divisible=NORM_DIVISIBLE, ptxas=True),
+    )
+    return cases
+
+
+CASES.update(_norm_cases())
+
+# bias + GELU at the H100 launch configuration (kernels/gelu.py), with the same launch specialisation
+GELU_DIVISIBLE = ("H", "B", "Y", "DY", "DH", "DB_PART", "N", "stride_h", "stride_y", "stride_dy", "stride_dh")
+CASES["bias_gelu_fwd"] = (
+    gelu._bias_gelu_fwd_kernel,
+    dict(H=BF16, B=F32, Y=BF16),
+    dict(BLOCK_M=gelu.FWD_TILE // gelu.MAX_BLOCK_N, BLOCK_N=gelu.MAX_BLOCK_N),
+    dict(num_warps=gelu.NUM_WARPS, divisible=GELU_DIVISIBLE, ptxas=True),
+)
+CASES["bias_gelu_bwd"] = (
+    gelu._bias_gelu_bwd_kernel,
+    dict(DY=BF16, H=BF16, B=F32, DH=BF16, DB_PART=F32),
+    dict(HAS_DBIAS=True, BLOCK_M=gelu.BWD_TILE // gelu.MAX_BLOCK_N, BLOCK_N=gelu.MAX_BLOCK_N,
+         STAGES=gelu.BWD_STAGES),
+    dict(num_warps=gelu.NUM_WARPS, divisible=GELU_DIVISIBLE, ptxas=True),
+)
+
+
+def ptxas_resources(ptx: str) -> dict:
+    """Registers and spill bytes ptxas reports for the PTX (the ptxas and flags Triton uses); -1 if missing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [get_ptxas(90).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(90)}", src,
+             "-o", os.path.join(tmp, "kernel.o")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    log = proc.stdout + proc.stderr
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else -1
+
+    return {
+        "regs": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+        **({"ptxas_error": log[-500:]} if proc.returncode else {}),
+    }
 
 
 def compile_case(name: str) -> dict:
-    kernel, types, constexprs = CASES[name]
+    # an optional 4th entry: num_warps (default 4), maxnreg, divisible (argument names specialised as
+    # multiples of 16) and ptxas (report registers and spills)
+    kernel, types, constexprs, *extra = CASES[name]
+    launch = extra[0] if extra else {}
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
-    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a in launch.get("divisible", ()) and a not in constexprs}  # fmt: skip
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    options = {"num_warps": launch.get("num_warps", 4)}
+    if launch.get("maxnreg"):
+        options["maxnreg"] = launch["maxnreg"]
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as err:  # reported to the test, which fails with the message
         return {"name": name, "ok": False, "error": f"{type(err).__name__}: {err}"[:2000]}
     ptx, cubin = compiled.asm.get("ptx", ""), compiled.asm.get("cubin", b"")
-    return {"name": name, "ok": ".target sm_90" in ptx and len(cubin) > 0, "error": ""}
+    result = {"name": name, "ok": ".target sm_90" in ptx and len(cubin) > 0, "error": ""}
+    if launch.get("ptxas"):
+        result.update(options, **ptxas_resources(ptx), smem=compiled.metadata.shared)
+    return result
 
 
 if __name__ == "__main__":
