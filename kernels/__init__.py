@@ -16,6 +16,7 @@ from kernels.dispatch import use_triton
 from kernels.flash_attention import attention, attention_packed
 from kernels.gelu import bias_gelu
 from kernels.norm import layer_norm, rms_norm
+from kernels.rope import rope_packed
 
 __all__ = [
     "adamw_",
@@ -26,6 +27,7 @@ __all__ = [
     "cross_entropy",
     "layer_norm",
     "rms_norm",
+    "rope_packed",
     "use_triton",
     "vocab_parallel_grad",
     "vocab_parallel_stats",

@@ -37,6 +37,20 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return F.gelu(h.float() + bias.float(), approximate="tanh").to(h.dtype)
 
 
+def rope_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, kv_heads: int
+                ) -> torch.Tensor:
+    """Rotary embedding on the query and key heads of a packed (S, B, (n_heads + 2 kv_heads) * D) projection,
+    interleaved pairs (x[2i], x[2i+1]) rotated by the (S, D/2) angles' cos/sin; value heads unchanged.
+    fp32 math, one rounding to qkv's dtype."""
+    seq, heads = qkv.shape[0], n_heads + 2 * kv_heads
+    x = qkv.float().unflatten(-1, (heads, -1, 2))  # (S, B, heads, D/2, 2)
+    c, s = cos[:seq, None, None, :].float(), sin[:seq, None, None, :].float()
+    even, odd = x[..., 0], x[..., 1]
+    rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)
+    out = torch.cat((rotated[:, :, : n_heads + kv_heads], x[:, :, n_heads + kv_heads :]), dim=2)
+    return out.flatten(2).to(qkv.dtype)
+
+
 def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(H, S, S) ALiBi bias ``-slope * |i - j|`` (FlashAttention's convention; causal keeps j <= i)."""
     pos = torch.arange(seq_len, device=slopes.device, dtype=torch.float32)

@@ -107,7 +107,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         qkv = self.qkv(x)  # (S, B, (h + 2kv) * hd)
         dropout = self.cfg.dropout if self.training else 0.0
-        if self.use_kernels and rope is None and dropout == 0.0:
+        if self.use_kernels and dropout == 0.0:
+            if rope is not None:
+                # rotary: one pass over the packed projection, which stays in the kernels' layout
+                qkv = _kernels().rope_packed(qkv, rope[0], rope[1], self.h, self.kv)
             if self.selective_recompute and self.training:
                 return self.out(checkpoint(self._packed_core, qkv, use_reentrant=False))
             return self.out(self._packed_core(qkv))

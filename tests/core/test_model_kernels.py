@@ -12,9 +12,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
                                 reason="needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)")
 
 
-# gpt2 and alibi take the packed attention path (no permute copies), llama's rope the split q/k/v one
+# every variant takes the packed attention path (no permute copies); llama's rope is applied on the packed qkv
 @pytest.mark.parametrize("arch, pos, recompute", [("gpt2", None, "none"), ("gpt2", None, "selective"),
-                                                  ("llama", None, "none"), ("llama", "alibi", "none")])
+                                                  ("llama", None, "none"), ("llama", None, "selective"),
+                                                  ("llama", "alibi", "none")])
 def test_kernels_match_torch_path(monkeypatch, arch, pos, recompute):
     monkeypatch.setenv("TRIDENT_KERNELS", "triton")
     cfg = ModelConfig(arch=arch, n_layers=2, d_model=64, n_heads=2, n_kv_heads=1 if arch == "llama" else None,

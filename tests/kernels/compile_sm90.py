@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import adamw, attention_bwd, attention_fwd, chunked_cross_entropy, gelu, norm  # noqa: E402
+from kernels import adamw, attention_bwd, attention_fwd, chunked_cross_entropy, gelu, norm, rope  # noqa: E402
 
 BF16 = "*bf16"
 F32 = "*fp32"
@@ -160,6 +160,13 @@ CASES["bias_gelu_fwd"] = (
     dict(H=BF16, B=F32, Y=BF16),
     dict(BLOCK_M=gelu.FWD_TILE // gelu.MAX_BLOCK_N, BLOCK_N=gelu.MAX_BLOCK_N),
     dict(num_warps=gelu.NUM_WARPS, divisible=GELU_DIVISIBLE, ptxas=True),
+)
+# rotary embedding on the packed projection, head_dim 128 (64 pairs), as kernels/rope.py launches it
+CASES["rope_packed"] = (
+    rope._rope_kernel,
+    dict(X=BF16, Y=BF16, COS=F32, SIN=F32, sign="fp32"),
+    dict(BLOCK_R=16, BLOCK_H=64),
+    dict(num_warps=8, divisible=("X", "Y", "COS", "SIN", "stride_x", "stride_y", "stride_t"), ptxas=True),
 )
 CASES["bias_gelu_bwd"] = (
     gelu._bias_gelu_bwd_kernel,
