@@ -46,6 +46,7 @@ class RollbackGuard:
             raise TridentError(f"resilience.rollback: {reason}; giving up after {len(self.interventions)} "
                                "rollbacks", hint="inspect the data around these steps or lower the learning rate")
         consumed = trainer.loader.consumed_samples
+        trainer.finalize_save()  # a checkpoint still being written in the background counts once committed
         path = store.latest_checkpoint(self.save_dir, warn=trainer.log.warning, before_step=before_step)
         history = list(self.interventions)
         lr_scale = self.lr_scale * self.cfg.lr_factor

@@ -12,6 +12,7 @@ One optimizer step:
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 
@@ -27,10 +28,11 @@ from engine.assemble import (
     load_tokenizer,
 )
 from engine.checkpoint import store
+from engine.checkpoint.async_save import AsyncCheckpointWriter
 from engine.checkpoint.rng import capture_rng_state, restore_rng_state, seed_everything
 from engine.config import TridentConfig, config_to_dict, resolve_batch
 from engine.data.loader import StepLoader
-from engine.errors import ConfigError
+from engine.errors import CheckpointError, ConfigError
 from engine.log import RankLogger
 from engine.metrics.flops import device_peak_tflops, mfu
 from engine.metrics.writer import MetricsWriter, peak_memory_bytes
@@ -77,6 +79,7 @@ class Trainer:
         self.history: list[dict] = []
         self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops(
             torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None, cfg.dtype_name)
+        self.writer = AsyncCheckpointWriter(rank=ctx.rank) if cfg.train.async_save else None
         self._resume_or_start(cfg.train.resume if resume is None else resume, fresh)
         self.metrics = MetricsWriter(cfg.train.log_dir, enabled=ctx.rank == 0, append=self.step > 0,
                                      tensorboard_dir=self._tensorboard_dir(), wandb=cfg.wandb,
@@ -88,8 +91,6 @@ class Trainer:
         tb = self.cfg.tensorboard
         if not tb.enabled:
             return None
-        import os
-
         return os.path.join(tb.output_path or self.cfg.train.log_dir, tb.job_name or "tensorboard")
 
     def _resume_or_start(self, resume: bool | str, fresh: bool) -> None:
@@ -120,11 +121,71 @@ class Trainer:
                 "config": config_to_dict(self.cfg)}
 
     def save(self) -> str:
-        path = store.save_checkpoint(self.cfg.train.save_dir, self.step, self.state_dict(), rank=self.ctx.rank,
-                                     world_size=self.ctx.world_size, layout=self._layout(),
-                                     keep_last=self.cfg.train.keep_last, barrier=self.ctx.barrier)
-        self.log.info(f"saved checkpoint {path}")
+        """Checkpoint the current step (all ranks); returns its directory. With ``train.async_save`` the shards
+        are written in the background and the checkpoint exists only once :meth:`finalize_save` committed it
+        (the next save, the end of ``fit``, a load or a rollback do)."""
+        save_dir, t0 = self.cfg.train.save_dir, time.perf_counter()
+        if self.writer is None:
+            path = store.save_checkpoint(save_dir, self.step, self.state_dict(), rank=self.ctx.rank,
+                                         world_size=self.ctx.world_size, layout=self._layout(),
+                                         keep_last=self.cfg.train.keep_last, barrier=self.ctx.barrier)
+            self.log.info(f"saved checkpoint {path} (written in {time.perf_counter() - t0:.2f} s)")
+            return path
+        self.finalize_save()  # at most one save in flight
+        t0 = time.perf_counter()
+        snapshot = self.writer.snapshot(self.state_dict())
+        tmp = store.prepare_save(save_dir, self.step, rank=self.ctx.rank, barrier=self.ctx.barrier)
+        self.writer.start(tmp, snapshot, step=self.step, snapshot_s=time.perf_counter() - t0)
+        return os.path.join(save_dir, store.step_dir_name(self.step))
+
+    def finalize_save(self) -> str | None:
+        """Commit the checkpoint being written in the background, if any: join this rank's writer, agree
+        with the other ranks that every shard was written, then commit (barrier, rank 0 publishes ``latest``,
+        barrier). All ranks, training thread. A writer's failure is raised here (CheckpointError naming the
+        file) and the checkpoint is not committed. Returns the committed directory, else None."""
+        result = self.writer.wait() if self.writer is not None else None
+        if result is None:
+            return None
+        ok = self._all_ranks_ok(result.error is None)
+        if result.error is not None:
+            raise result.error
+        final = os.path.join(self.cfg.train.save_dir, store.step_dir_name(result.step))
+        if not ok:
+            raise CheckpointError(f"{final}: another rank failed writing its shard (its error names the file); "
+                                  "checkpoint not committed")
+        path = store.commit_save(self.cfg.train.save_dir, result.step, rank=self.ctx.rank,
+                                 world_size=self.ctx.world_size, layout=self._layout(),
+                                 keep_last=self.cfg.train.keep_last, barrier=self.ctx.barrier)
+        waited = f"; waited {result.waited_s:.2f} s for the writer" if result.waited_s >= 0.01 else ""
+        self.log.info(f"saved checkpoint {path} (snapshot {result.snapshot_s:.2f} s, written in background in "
+                      f"{result.write_s:.2f} s{waited})")
         return path
+
+    def _finalize_after_error(self) -> None:
+        """On the way out of an exception: commit a background save only where that cannot hang (one process:
+        the commit's barriers are no-ops). With several ranks the peers may never reach the commit's
+        collectives, so the save is left uncommitted and ``latest`` stays at the previous checkpoint."""
+        step = self.writer.pending_step if self.writer is not None else None
+        if step is None:
+            return
+        if self.ctx.world_size == 1:
+            try:
+                self.finalize_save()
+            except Exception as err:  # noqa: BLE001 - the original error is the one that propagates
+                self.log.warning(f"checkpoint of step {step} not committed: {err}")
+            return
+        self.writer.wait()  # local file I/O only: it finishes, and nothing writes behind a later save's back
+        self.log.warning(f"checkpoint of step {step} left uncommitted after the error (needs every rank); "
+                         "latest stays at the previous checkpoint")
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        if self.ctx.groups is None:
+            return ok
+        from engine.dist import collectives
+
+        flag = torch.tensor(1.0 if ok else 0.0, device=self.ctx.device)  # NCCL reduces device tensors only
+        collectives.all_reduce(flag, self.ctx.groups.world, op="min")
+        return flag.item() == 1.0
 
     def _layout(self) -> dict:
         par = self.cfg.parallel
@@ -144,7 +205,7 @@ class Trainer:
                 saved["virtual_stages"] = state.get("config", {}).get("parallel", {}).get("virtual_stages", 1)
             if layout_key(saved) != layout_key(self._layout()) or not self.optimizer.can_load(state["optimizer"]):
                 state = None
-        ok = torch.tensor(0.0 if state is None else 1.0)
+        ok = torch.tensor(0.0 if state is None else 1.0, device=self.ctx.device)  # NCCL: device tensors only
         if self.ctx.groups is not None:
             from engine.dist import collectives
 
@@ -154,6 +215,7 @@ class Trainer:
     def load(self, path: str) -> None:
         """Resume from checkpoint ``path``: per rank, bit-exactly, when it was saved with this layout;
         otherwise through the layout-independent state (engine/checkpoint/reshard.py)."""
+        self.finalize_save()  # a background save in flight is committed (or fails) before anything is read
         manifest = store.read_manifest(path)
         state = self._fast_load_fits(path, manifest)
         if state is not None:
@@ -228,6 +290,13 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        except BaseException:
+            self._finalize_after_error()
+            raise
+
+    def _fit(self) -> dict:
         cfg, log = self.cfg, self.log
         max_steps, interval = cfg.train.max_steps, cfg.log_interval
         tokens_per_step = self.batch.global_batch * cfg.model.seq_len
@@ -268,7 +337,8 @@ class Trainer:
         if cfg.train.save_dir and not (cfg.train.save_interval and self.step % cfg.train.save_interval == 0):
             self.save()
         self.loader.close()
-        final = self.evaluate()
+        final = self.evaluate()  # overlaps an async save's write
+        self.finalize_save()
         self.metrics.close()
         return {"step": self.step, "loss": self.history[-1]["loss"] if self.history else None,
                 "eval": final, "skipped": self.skipped}

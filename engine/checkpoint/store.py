@@ -11,6 +11,11 @@ sidecar, all ranks meet at a barrier, then rank 0 writes the manifest (tmp + fsy
 directory into place, fsyncs ``save_dir`` and replaces ``latest`` by atomic rename. A crash at any point
 leaves either the previous checkpoint or the new complete one. A directory without a manifest is never
 loaded.
+
+The save has three phases so that the middle one can run on a background thread (``train.async_save``,
+engine/checkpoint/async_save.py): :func:`prepare_save` (all ranks, collective: rank 0 makes the empty tmp
+directory), :func:`write_shard` (one rank's file I/O only, no collectives) and :func:`commit_save` (all ranks,
+collective: barrier, rank 0 publishes, barrier). :func:`save_checkpoint` runs them back to back.
 """
 
 from __future__ import annotations
@@ -67,20 +72,49 @@ def _write_atomic_text(path: str, text: str) -> None:
 def save_checkpoint(save_dir: str, step: int, state: dict, *, rank: int, world_size: int, layout: dict,
                     keep_last: int, barrier: Callable[[], None] = lambda: None) -> str:
     """Write this rank's ``state``; returns the final directory. All ranks must call it."""
-    name = step_dir_name(step)
-    final = os.path.join(save_dir, name)
-    tmp = os.path.join(save_dir, f".tmp_{name}")
+    tmp = prepare_save(save_dir, step, rank=rank, barrier=barrier)
+    write_shard(tmp, state, rank=rank)
+    return commit_save(save_dir, step, rank=rank, world_size=world_size, layout=layout, keep_last=keep_last,
+                       barrier=barrier)
+
+
+def prepare_save(save_dir: str, step: int, *, rank: int, barrier: Callable[[], None] = lambda: None) -> str:
+    """Phase 1, all ranks: rank 0 makes an empty ``.tmp_step_XXXXXXXX`` (dropping a stale one), then every rank
+    waits for it. Returns the tmp directory the shards go to."""
+    tmp = os.path.join(save_dir, f".tmp_{step_dir_name(step)}")
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
+    return tmp
+
+
+def write_shard(tmp: str, state: dict, *, rank: int) -> str:
+    """Phase 2, one rank, any thread (file I/O only): ``rank_XXXXX.pt`` + fsync, then its ``.sha256``
+    sidecar. An OS error (disk full, permissions) becomes a CheckpointError naming the file."""
     shard = os.path.join(tmp, f"rank_{rank:05d}.pt")
-    with open(shard, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _write_atomic_text(shard + ".sha256", _sha256(shard))
+    target = shard
+    try:
+        with open(shard, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        target = shard + ".sha256"
+        _write_atomic_text(target, _sha256(shard))
+    except OSError as err:
+        raise CheckpointError(f"{target}: writing the checkpoint failed ({err.strerror or err})",
+                              hint="check free space and permissions under train.save_dir") from err
+    return shard
+
+
+def commit_save(save_dir: str, step: int, *, rank: int, world_size: int, layout: dict, keep_last: int,
+                barrier: Callable[[], None] = lambda: None) -> str:
+    """Phase 3, all ranks, once every rank's :func:`write_shard` returned: barrier, rank 0 writes the manifest,
+    renames the directory into place, points ``latest`` at it and prunes; barrier. Returns the directory."""
+    name = step_dir_name(step)
+    final = os.path.join(save_dir, name)
+    tmp = os.path.join(save_dir, f".tmp_{name}")
     barrier()
     if rank == 0:
         shards = {}
@@ -97,6 +131,7 @@ def save_checkpoint(save_dir: str, step: int, state: dict, *, rank: int, world_s
         _fsync_path(save_dir)
         _write_atomic_text(os.path.join(save_dir, "latest"), name + "\n")
         _prune(save_dir, keep_last)
+        _drop_stale_tmp(save_dir, before_step=step)
     barrier()
     return final
 
@@ -115,6 +150,15 @@ def _complete_steps(save_dir: str) -> list[int]:
 def _prune(save_dir: str, keep_last: int) -> None:
     for step in _complete_steps(save_dir)[:-keep_last]:
         shutil.rmtree(os.path.join(save_dir, step_dir_name(step)), ignore_errors=True)
+
+
+def _drop_stale_tmp(save_dir: str, *, before_step: int) -> None:
+    """Remove the unfinished ``.tmp_step_*`` directories of earlier steps: saves a crash (or an abandoned
+    background write) left behind. Nothing writes them any more: at most one save is in flight."""
+    for entry in os.listdir(save_dir):
+        m = STEP_DIR.match(entry[len(".tmp_"):]) if entry.startswith(".tmp_") else None
+        if m and int(m.group(1)) < before_step:
+            shutil.rmtree(os.path.join(save_dir, entry), ignore_errors=True)
 
 
 def has_checkpoint(save_dir: str | None) -> bool:

@@ -264,6 +264,12 @@ class TrainConfig:
     save_dir: str | None = field(None, doc="checkpoint directory (default: no checkpoints)")
     save_interval: int = field(0, doc="steps between checkpoints (0: only at the end)", min=0)
     keep_last: int = field(3, doc="complete checkpoints to keep", min=1)
+    async_save: bool = field(False, doc="write checkpoints on a background thread (Megatron-LM's --async-save): "
+                                        "training pauses only to copy its state to host memory (one copy of this "
+                                        "rank's state; on CUDA pinned and kept for reuse) while a thread writes the "
+                                        "shard; the checkpoint is committed (manifest, latest) at the next save, a "
+                                        "rollback or the end of the run, and until then latest names the previous "
+                                        "one")
     resume: bool | Literal["auto"] = field(False, doc="true: resume (error if none); auto: resume if present")
     eval_interval: int = field(0, doc="steps between validation runs (0: off)", min=0)
     eval_iters: int = field(10, doc="validation batches per evaluation", min=1)

@@ -24,6 +24,8 @@ LAYOUTS = {  # config sections per layout, 2 processes each
     "tp2": {"parallel": {"tensor": 2, "sequence_parallel": True}},
     "pp2": {"parallel": {"pipeline": 2, "pipeline_schedule": "1f1b"}},
     "dp2-zero2": {"parallel": {"tensor": 1}, "zero_optimization": {"stage": 2}},
+    # background shard writes: a kill before the commit leaves the previous checkpoint as latest
+    "dp2-async": {"parallel": {"tensor": 1}, "train": {"async_save": True}},
 }
 
 
@@ -38,7 +40,7 @@ def _config(tmp, name, layout) -> str:
     raw.update(json.loads(json.dumps(LAYOUTS[layout])))
     raw["train"] = {"max_steps": STEPS, "log_interval": 1, "progress": False, "device": "cpu",
                     "log_dir": str(tmp / name / "logs"), "save_dir": str(tmp / name / "ckpt"),
-                    "save_interval": 1, "keep_last": 2, "resume": "auto"}
+                    "save_interval": 1, "keep_last": 2, "resume": "auto", **LAYOUTS[layout].get("train", {})}
     raw["resilience"] = {"collective_timeout_s": 30}
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(raw))
