@@ -15,6 +15,7 @@ from kernels.chunked_cross_entropy import (
 from kernels.dispatch import use_triton
 from kernels.flash_attention import attention, attention_packed
 from kernels.gelu import bias_gelu
+from kernels.glu import swiglu
 from kernels.norm import layer_norm, rms_norm
 from kernels.rope import rope_packed
 
@@ -28,6 +29,7 @@ __all__ = [
     "layer_norm",
     "rms_norm",
     "rope_packed",
+    "swiglu",
     "use_triton",
     "vocab_parallel_grad",
     "vocab_parallel_stats",

@@ -37,6 +37,12 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return F.gelu(h.float() + bias.float(), approximate="tanh").to(h.dtype)
 
 
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x (..., 2F) = [gate | up], in fp32, returned in x's dtype (one rounding)."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
 def rope_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, kv_heads: int
                 ) -> torch.Tensor:
     """Rotary embedding on the query and key heads of a packed (S, B, (n_heads + 2 kv_heads) * D) projection,

@@ -150,7 +150,10 @@ class MLP(nn.Module):
                                       sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels and not self.swiglu and self.up.bias is not None:
+        if self.use_kernels and self.swiglu:
+            # silu(gate) * up in one pass; the backward writes [d gate | d up] as one tensor (no concatenation)
+            return self.down(_kernels().swiglu(self.up(x)))
+        if self.use_kernels and self.up.bias is not None:
             # bias + GELU in one pass, and the bias gradient summed inside the GELU backward
             return self.down(_kernels().bias_gelu(self.up(x, skip_bias_add=True), self.up.bias))
         h = self.up(x)

@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import adamw, attention_bwd, attention_fwd, chunked_cross_entropy, gelu, norm, rope  # noqa: E402
+from kernels import adamw, attention_bwd, attention_fwd, chunked_cross_entropy, gelu, glu, norm, rope  # noqa: E402
 
 BF16 = "*bf16"
 F32 = "*fp32"
@@ -168,6 +168,17 @@ CASES["rope_packed"] = (
     dict(BLOCK_R=16, BLOCK_H=64),
     dict(num_warps=8, divisible=("X", "Y", "COS", "SIN", "stride_x", "stride_y", "stride_t"), ptxas=True),
 )
+# SwiGLU at the H100 launch configuration (kernels/glu.py)
+SWIGLU_DIVISIBLE = ("X", "Y", "DY", "DX", "F", "stride_x", "stride_y", "stride_dy", "stride_dx")
+SWIGLU_BLOCKS = dict(BLOCK_M=glu.TILE // glu.MAX_BLOCK_N, BLOCK_N=glu.MAX_BLOCK_N)
+CASES["swiglu_fwd"] = (
+    glu._swiglu_fwd_kernel, dict(X=BF16, Y=BF16), SWIGLU_BLOCKS,
+    dict(num_warps=glu.NUM_WARPS, divisible=SWIGLU_DIVISIBLE, ptxas=True),
+)  # fmt: skip
+CASES["swiglu_bwd"] = (
+    glu._swiglu_bwd_kernel, dict(DY=BF16, X=BF16, DX=BF16), SWIGLU_BLOCKS,
+    dict(num_warps=glu.NUM_WARPS, divisible=SWIGLU_DIVISIBLE, ptxas=True),
+)  # fmt: skip
 CASES["bias_gelu_bwd"] = (
     gelu._bias_gelu_bwd_kernel,
     dict(DY=BF16, H=BF16, B=F32, DH=BF16, DB_PART=F32),

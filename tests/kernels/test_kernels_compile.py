@@ -32,7 +32,7 @@ NORM_NAMES = [
     "norm_partials_sum",
 ]
 # memory-bound kernels whose registers decide how many programs share an SM: checked for spills
-SPILL_CHECKED = [*NORM_NAMES, "bias_gelu_fwd", "bias_gelu_bwd", "rope_packed"]
+SPILL_CHECKED = [*NORM_NAMES, "bias_gelu_fwd", "bias_gelu_bwd", "rope_packed", "swiglu_fwd", "swiglu_bwd"]
 NAMES = [
     *SPILL_CHECKED,
     "adamw",

@@ -116,3 +116,14 @@ def test_rope_packed_cuda_matches_reference():
     (dx_ref,) = torch.autograd.grad(y_ref, (qkv,), dy)
     assert _rel_err(y, y_ref) < 1e-2
     assert _rel_err(dx, dx_ref) < 1e-2
+
+
+def test_swiglu_cuda_bf16_matches_reference():
+    x = torch.randn(8192, 2 * 2816, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = kernels.swiglu(x)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, (x,), dy)
+    y_ref = reference.swiglu(x)
+    (dx_ref,) = torch.autograd.grad(y_ref, (x,), dy)
+    assert _rel_err(y, y_ref) < 1e-2
+    assert _rel_err(dx, dx_ref) < 1e-2
