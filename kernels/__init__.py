@@ -16,11 +16,13 @@ from kernels.dispatch import use_triton
 from kernels.flash_attention import attention, attention_packed
 from kernels.gelu import bias_gelu
 from kernels.glu import swiglu
-from kernels.norm import layer_norm, rms_norm
+from kernels.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from kernels.rope import rope_packed
 
 __all__ = [
     "adamw_",
+    "add_layer_norm",
+    "add_rms_norm",
     "attention",
     "attention_packed",
     "bias_gelu",

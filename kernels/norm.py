@@ -58,13 +58,18 @@ def _norm_fwd_kernel(
     B,  # (N,) bias; not read unless HAS_BIAS
     MEAN,  # (M,) fp32 row means saved for the backward; not written for RMSNorm
     RSTD,  # (M,) fp32 reciprocal standard deviations (RMSNorm: reciprocal root mean square)
+    R,  # (M, N) residual added to X first, row stride stride_r; not read unless HAS_RES
+    S,  # (M, N) out: X + R in X's dtype (what is normalized), row stride stride_s; only if HAS_RES
     stride_x,
     stride_y,
+    stride_r,
+    stride_s,
     M,
     N,
     eps,
     IS_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,  # normalize X + R (rounded to X's dtype, which S holds) instead of X
     BLOCK_M: tl.constexpr,  # rows per program (SINGLE path; 1 otherwise)
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,  # N <= BLOCK_N: one block per row, no chunk loop
@@ -77,6 +82,11 @@ def _norm_fwd_kernel(
         col_mask = cols < N
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = x.to(S.dtype.element_ty)  # the sum as the unfused add would round it
+            tl.store(S + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
+            x = x.to(tl.float32)
         if IS_RMS:
             xc = x  # zero where masked
         else:
@@ -94,6 +104,17 @@ def _norm_fwd_kernel(
         row = tl.program_id(0).to(tl.int64)
         X += row * stride_x
         Y += row * stride_y
+        if HAS_RES:
+            # write the rounded sum once, then normalize it: the loops below read S instead of X
+            S += row * stride_s
+            R += row * stride_r
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                total = tl.load(X + cols, mask=cols < N, other=0.0).to(tl.float32)
+                total += tl.load(R + cols, mask=cols < N, other=0.0).to(tl.float32)
+                tl.store(S + cols, total.to(S.dtype.element_ty), mask=cols < N)
+            tl.debug_barrier()  # the sums are visible to whichever thread reads them back below
+            X = S
         mean = 0.0
         if not IS_RMS:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -133,14 +154,17 @@ def _norm_bwd_kernel(
     RSTD,  # (M,) fp32 reciprocal std from the forward
     DW_PART,  # (G, N) fp32, written: row g = sum over program g's rows of dy * xhat
     DB_PART,  # (G, N) fp32, written: row g = sum over program g's rows of dy; only if HAS_BIAS
+    DRES,  # (M, N) gradient reaching the normalized input from elsewhere (the residual path), added to dx
     stride_x,
     stride_dy,
     stride_dx,
+    stride_dres,
     M,
     N,
     rows_per_program,  # program g handles rows [g * rows_per_program, (g + 1) * rows_per_program) & [0, M)
     IS_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DRES: tl.constexpr,  # DRES is read (the fused residual add's backward)
     BLOCK_M: tl.constexpr,  # rows per tile (SINGLE path; 1 otherwise)
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,  # N <= BLOCK_N: tiles held in registers, dweight/dbias summed there
@@ -182,6 +206,9 @@ def _norm_bwd_kernel(
                 # both row sums in one reduction: one shared-memory exchange (and barrier) instead of two
                 s1, s2 = tl.reduce((xhat * wdy, wdy), 1, _add_pair)
                 dx = (wdy - xhat * (s1 / N)[:, None] - (s2 / N)[:, None]) * rstd
+            if HAS_DRES:
+                dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(
+                    tl.float32)
             tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             # sums over the tile's rows: within each thread when the warps all lie along the row (which the
             # launch heuristic arranges), else through shared memory
@@ -235,6 +262,8 @@ def _norm_bwd_kernel(
                     dx = (w * dy - xhat * c1) * rstd
                 else:
                     dx = (w * dy - xhat * c1 - c2) * rstd
+                if HAS_DRES:
+                    dx += tl.load(DRES + row * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
                 dw = tl.load(DW_PART + cols, mask=mask, other=0.0) + dy * xhat
                 tl.store(DW_PART + cols, dw, mask=mask)
@@ -385,6 +414,7 @@ def _launch_bwd(
     dw_part: torch.Tensor,
     db_part: torch.Tensor | None,
     is_rms: bool,
+    dres: torch.Tensor | None = None,
 ) -> Any:
     """dx, and the (cfg.programs, N) fp32 partial rows of dweight (and dbias when db_part is given).
 
@@ -400,14 +430,17 @@ def _launch_bwd(
         rstd,
         dw_part,
         db_part if db_part is not None else dw_part,
+        dres if dres is not None else dx,
         x2.stride(0),
         dy2.stride(0),
         dx.stride(0),
+        dres.stride(0) if dres is not None else 0,
         x2.shape[0],
         x2.shape[1],
         cfg.rows_per_program,
         IS_RMS=is_rms,
         HAS_BIAS=db_part is not None,
+        HAS_DRES=dres is not None,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         SINGLE=cfg.single,
@@ -444,57 +477,99 @@ def _sum_partials(
     return dw, db
 
 
+def _forward(x2: torch.Tensor, residual2: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+             eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(y, x2 + residual2 or None, mean, rstd) for (M, N) rows; the norm is of the sum when a residual is given."""
+    m, n = x2.shape
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    total = torch.empty((m, n), dtype=x2.dtype, device=x2.device) if residual2 is not None else None
+    mean = torch.empty(m, dtype=torch.float32, device=x2.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x2.device)
+    block_m, block_n, single, warps = _fwd_config(n)
+    if m:
+        kernel, _ = launchable(_norm_fwd_kernel)
+        kernel[(triton.cdiv(m, block_m),)](
+            x2,
+            y,
+            weight,
+            bias if bias is not None else weight,
+            mean,
+            rstd,
+            residual2 if residual2 is not None else x2,
+            total if total is not None else y,
+            x2.stride(0),
+            y.stride(0),
+            residual2.stride(0) if residual2 is not None else 0,
+            total.stride(0) if total is not None else 0,
+            m,
+            n,
+            eps,
+            IS_RMS=is_rms,
+            HAS_BIAS=bias is not None,
+            HAS_RES=residual2 is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            SINGLE=single,
+            num_warps=warps,
+        )
+    return y, total, mean, rstd
+
+
+def _backward(ctx, dy: torch.Tensor, dres: torch.Tensor | None):
+    """(dx, dweight, dbias) of the norm of the saved rows, dx + dres when a residual gradient is given."""
+    x2, weight, mean, rstd = ctx.saved_tensors
+    m, n = x2.shape
+    dy2 = _rows(dy)
+    dx = torch.empty_like(x2)
+    has_bias = ctx.bias_dtype is not None
+    cfg = _bwd_config(m, n, x2.device)
+    # every program writes its whole partial row(s): no zero-fill needed
+    dw_part = torch.empty((cfg.programs, n), dtype=torch.float32, device=x2.device)
+    db_part = torch.empty((cfg.programs, n), dtype=torch.float32, device=x2.device) if has_bias else None
+    _launch_bwd(cfg, x2, dy2, dx, weight, mean, rstd, dw_part, db_part, ctx.is_rms,
+                dres=_rows(dres) if dres is not None else None)
+    dw, db = _sum_partials(dw_part, db_part, weight.dtype, ctx.bias_dtype)
+    return dx.view(ctx.shape), dw, db
+
+
 class _NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, is_rms: bool):
-        shape = x.shape
-        x2 = _rows(x)
-        m, n = x2.shape
         weight = weight.contiguous()
-        bias_c = bias.contiguous() if bias is not None else weight
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        mean = torch.empty(m, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        block_m, block_n, single, warps = _fwd_config(n)
-        if m:
-            kernel, _ = launchable(_norm_fwd_kernel)
-            kernel[(triton.cdiv(m, block_m),)](
-                x2,
-                y,
-                weight,
-                bias_c,
-                mean,
-                rstd,
-                x2.stride(0),
-                y.stride(0),
-                m,
-                n,
-                eps,
-                IS_RMS=is_rms,
-                HAS_BIAS=bias is not None,
-                BLOCK_M=block_m,
-                BLOCK_N=block_n,
-                SINGLE=single,
-                num_warps=warps,
-            )
+        bias_c = bias.contiguous() if bias is not None else None
+        x2 = _rows(x)
+        y, _, mean, rstd = _forward(x2, None, weight, bias_c, eps, is_rms)
         ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.bias_dtype, ctx.is_rms, ctx.shape = bias.dtype if bias is not None else None, is_rms, shape
-        return y.view(shape)
+        ctx.bias_dtype, ctx.is_rms, ctx.shape = bias.dtype if bias is not None else None, is_rms, x.shape
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, mean, rstd = ctx.saved_tensors
-        m, n = x2.shape
-        dy2 = _rows(dy)
-        dx = torch.empty_like(x2)
-        has_bias = ctx.bias_dtype is not None
-        cfg = _bwd_config(m, n, x2.device)
-        # every program writes its whole partial row(s): no zero-fill needed
-        dw_part = torch.empty((cfg.programs, n), dtype=torch.float32, device=x2.device)
-        db_part = torch.empty((cfg.programs, n), dtype=torch.float32, device=x2.device) if has_bias else None
-        _launch_bwd(cfg, x2, dy2, dx, weight, mean, rstd, dw_part, db_part, ctx.is_rms)
-        dw, db = _sum_partials(dw_part, db_part, weight.dtype, ctx.bias_dtype)
-        return dx.view(ctx.shape), dw, db, None, None
+        dx, dw, db = _backward(ctx, dy, None)
+        return dx, dw, db, None, None
+
+
+class _AddNormFunction(torch.autograd.Function):
+    """(x + residual, norm(x + residual)): the residual stream's add fused into the norm that reads it.
+
+    Backward: the sum's gradient from its other uses (``dsum``) is added to the norm's input gradient in the
+    same kernel, and that one tensor is the gradient of both x and residual (no separate accumulation)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps: float, is_rms: bool):
+        weight = weight.contiguous()
+        bias_c = bias.contiguous() if bias is not None else None
+        y, total, mean, rstd = _forward(_rows(x), _rows(residual), weight, bias_c, eps, is_rms)
+        ctx.save_for_backward(total, weight, mean, rstd)
+        ctx.bias_dtype, ctx.is_rms, ctx.shape = bias.dtype if bias is not None else None, is_rms, x.shape
+        return total.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dsum, dy):
+        if dy is None:  # the normalized output was not used: the sum's gradient passes straight through
+            return dsum, dsum, None, None, None, None
+        dx, dw, db = _backward(ctx, dy, dsum)
+        return dx, dx, dw, db, None, None
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -522,3 +597,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if not use_triton(x, weight):
         return reference.rms_norm(x, weight, eps)
     return _NormFunction.apply(x, weight, None, eps, True)
+
+
+def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, layer_norm(s)) with s = x + residual (in x's dtype): a pre-norm block's residual add and the next
+    norm in one pass; its backward adds s's own gradient into the norm's, in the same kernel."""
+    _check(x, weight, bias)
+    _check_residual(x, residual)
+    if not use_triton(x, residual, weight):
+        return reference.add_layer_norm(x, residual, weight, bias, eps)
+    return _AddNormFunction.apply(x, residual, weight, bias, eps, False)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, rms_norm(s)) with s = x + residual (in x's dtype); see add_layer_norm."""
+    _check(x, weight, None)
+    _check_residual(x, residual)
+    if not use_triton(x, residual, weight):
+        return reference.add_rms_norm(x, residual, weight, eps)
+    return _AddNormFunction.apply(x, residual, weight, None, eps, True)

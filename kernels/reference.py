@@ -27,6 +27,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return (xf * rstd * weight.float()).to(x.dtype)
 
 
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, layer_norm(x + residual)), the sum in x's dtype."""
+    total = x + residual
+    return total, layer_norm(total, weight, bias, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, rms_norm(x + residual)), the sum in x's dtype."""
+    total = x + residual
+    return total, rms_norm(total, weight, eps)
+
+
 def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(h + bias) in fp32, returned in h's dtype; h (..., N), bias (N,).
 

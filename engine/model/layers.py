@@ -51,6 +51,16 @@ class Norm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, eps=self.eps)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, norm(x + residual)): with kernels, one pass, and one for both gradients."""
+        if self.use_kernels:
+            k = _kernels()
+            if self.rms:
+                return k.add_rms_norm(x, residual, self.weight, eps=self.eps)
+            return k.add_layer_norm(x, residual, self.weight, self.bias, eps=self.eps)
+        total = x + residual
+        return total, self(total)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, *, layer: int, seed: int, group, sequence_parallel: bool,
@@ -193,8 +203,8 @@ class Block(nn.Module):
             return F.dropout(x, self.dropout, True)
 
     def _forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self._drop(self.attn(self.ln1(x), rope))
-        return x + self._drop(self.mlp(self.ln2(x)))
+        x, h = self.ln2.add_forward(x, self._drop(self.attn(self.ln1(x), rope)))  # residual add fused into ln2
+        return x + self._drop(self.mlp(h))
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         if self.recompute_full and self.training:

@@ -113,35 +113,47 @@ CASES = {
 # (vectorised loads; without it every element is its own load and the register counts mean nothing).
 # ptxas then reports registers and spills: the test asserts there are no spills.
 NORM_DIVISIBLE = (
-    "X", "Y", "DY", "DX", "W", "B", "MEAN", "RSTD", "DW_PART", "DB_PART", "DW", "DB",
-    "N", "stride_x", "stride_y", "stride_dy", "stride_dx",
+    "X", "Y", "DY", "DX", "W", "B", "MEAN", "RSTD", "DW_PART", "DB_PART", "DW", "DB", "R", "S", "DRES",
+    "N", "stride_x", "stride_y", "stride_dy", "stride_dx", "stride_r", "stride_s", "stride_dres",
 )  # fmt: skip
-NORM_FWD_TYPES = dict(X=BF16, Y=BF16, W=F32, B=F32, MEAN=F32, RSTD=F32, eps="fp32")
-NORM_BWD_TYPES = dict(X=BF16, DY=BF16, DX=BF16, W=F32, MEAN=F32, RSTD=F32, DW_PART=F32, DB_PART=F32)
+NORM_FWD_TYPES = dict(X=BF16, Y=BF16, W=F32, B=F32, MEAN=F32, RSTD=F32, R=BF16, S=BF16, eps="fp32")
+NORM_BWD_TYPES = dict(X=BF16, DY=BF16, DX=BF16, W=F32, MEAN=F32, RSTD=F32, DW_PART=F32, DB_PART=F32, DRES=BF16)
 
 
 def _norm_cases() -> dict:
     cases = {}
     for n in (1024, 4096, 8192):
         block_m, block_n, single, warps = norm._fwd_config(n)
-        cases[f"norm_fwd_{n}"] = (
-            norm._norm_fwd_kernel,
-            NORM_FWD_TYPES,
-            dict(IS_RMS=False, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single),
-            dict(num_warps=warps, divisible=NORM_DIVISIBLE, ptxas=True),
-        )
+        # the fused residual add (add_layer_norm) at 1024, gpt2-350m's hidden size
+        for name, has_res in ((f"norm_fwd_{n}", False), (f"add_norm_fwd_{n}", True)):
+            if has_res and n != 1024:
+                continue
+            cases[name] = (
+                norm._norm_fwd_kernel,
+                NORM_FWD_TYPES,
+                dict(IS_RMS=False, HAS_BIAS=True, HAS_RES=has_res, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single),
+                dict(num_warps=warps, divisible=NORM_DIVISIBLE, ptxas=True),
+            )
     # LayerNorm with bias needs the most registers; 16384 takes the chunked path
     for n, kinds in ((1024, ("ln", "rms")), (2048, ("ln",)), (4096, ("ln", "rms")), (8192, ("ln", "rms")),
                      (16384, ("ln",))):
         cfg = norm._bwd_config(16384, n, torch.device("cpu"))
-        for kind in kinds:
+        for kind in (*kinds, "addln") if n == 1024 else kinds:
             cases[f"norm_bwd_{kind}_{n}"] = (
                 norm._norm_bwd_kernel,
                 NORM_BWD_TYPES,
-                dict(IS_RMS=kind == "rms", HAS_BIAS=kind == "ln", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                     SINGLE=cfg.single, STAGES=cfg.stages),
+                dict(IS_RMS=kind == "rms", HAS_BIAS=kind != "rms", HAS_DRES=kind == "addln", BLOCK_M=cfg.block_m,
+                     BLOCK_N=cfg.block_n, SINGLE=cfg.single, STAGES=cfg.stages),
                 dict(num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, divisible=NORM_DIVISIBLE, ptxas=True),
             )
+    # rows longer than MAX_BLOCK_N: the chunked forward, which writes the sum first and normalizes it
+    block_m, block_n, single, warps = norm._fwd_config(16384)
+    cases["add_norm_fwd_16384"] = (
+        norm._norm_fwd_kernel,
+        NORM_FWD_TYPES,
+        dict(IS_RMS=True, HAS_BIAS=False, HAS_RES=True, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single),
+        dict(num_warps=warps, divisible=NORM_DIVISIBLE, ptxas=True),
+    )
     cases["norm_partials_sum"] = (
         norm._partials_sum_kernel,
         dict(DW_PART=F32, DB_PART=F32, DW=BF16, DB=BF16),

@@ -19,16 +19,19 @@ REPO = Path(__file__).resolve().parents[2]
 # the norm kernels at the launch configurations kernels/norm.py picks on an H100 (see compile_sm90.py)
 NORM_NAMES = [
     "norm_fwd_1024",
+    "add_norm_fwd_1024",
     "norm_fwd_4096",
     "norm_fwd_8192",
     "norm_bwd_ln_1024",
     "norm_bwd_rms_1024",
+    "norm_bwd_addln_1024",
     "norm_bwd_ln_2048",
     "norm_bwd_ln_4096",
     "norm_bwd_rms_4096",
     "norm_bwd_ln_8192",
     "norm_bwd_rms_8192",
     "norm_bwd_ln_16384",
+    "add_norm_fwd_16384",
     "norm_partials_sum",
 ]
 # memory-bound kernels whose registers decide how many programs share an SM: checked for spills
