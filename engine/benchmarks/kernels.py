@@ -76,7 +76,9 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], dout: torch.Tensor | None):
+def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], dout):
+    """One forward and backward of ``fn``; ``dout`` is the output's gradient (a tuple for tuple outputs;
+    None: ones)."""
     def run() -> torch.Tensor:
         out = fn(*inputs)
         grad = torch.ones_like(out) if dout is None else dout
@@ -84,6 +86,61 @@ def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], do
         return out
 
     return run
+
+
+def fused_cases(dev: str, *, tokens: int) -> list[tuple]:
+    """The fused block pieces at gpt2-350m / llama-style widths for ``tokens`` tokens, beside their unfused
+    torch form: (name, "GB/s", ours, theirs, bytes). Also built on CPU by the tests (reference kernels)."""
+    import torch.nn.functional as F
+
+    import kernels
+
+    bf16 = torch.bfloat16
+    xr = torch.randn(tokens, 1024, device=dev, dtype=bf16, requires_grad=True)
+    rr = torch.randn_like(xr, requires_grad=True)
+    w1 = torch.ones(1024, device=dev, dtype=bf16, requires_grad=True)
+    b1 = torch.zeros(1024, device=dev, dtype=bf16, requires_grad=True)
+    d_pair = (torch.randn_like(xr), torch.randn_like(xr))
+
+    def unfused_add_ln(x_, r_, w_, b_):
+        total = x_ + r_
+        return total, F.layer_norm(total, (1024,), w_, b_)
+
+    h = torch.randn(tokens, 4096, device=dev, dtype=bf16, requires_grad=True)
+    hb = torch.randn(4096, device=dev, dtype=bf16, requires_grad=True)
+    gu = torch.randn(tokens, 2 * 2816, device=dev, dtype=bf16, requires_grad=True)
+    seq = min(tokens, 1024)
+    qkv = torch.randn(seq, tokens // seq, 3 * 1024, device=dev, dtype=bf16, requires_grad=True)
+    from engine.model.positions import apply_rope, rope_tables
+
+    cos, sin = (t.to(dev) for t in rope_tables(seq, 64, theta=10000.0))
+
+    def unfused_rope(t):
+        heads = t.unflatten(-1, (48, 64)).permute(1, 2, 0, 3)
+        q_, k_, v_ = heads[:, :16], heads[:, 16:32], heads[:, 32:]
+        return torch.cat((apply_rope(q_, cos, sin), apply_rope(k_, cos, sin), v_), 1)
+
+    return [
+        (f"add + layer_norm fwd+bwd ({tokens}×1024)", "GB/s",
+         _fwd_bwd(lambda *a: kernels.add_layer_norm(*a), (xr, rr, w1, b1), d_pair),
+         _fwd_bwd(unfused_add_ln, (xr, rr, w1, b1), d_pair),
+         # fwd: read x, r, write sum, y; bwd: read sum, dy, dsum, write dx
+         8 * xr.numel() * xr.element_size()),
+        (f"bias + gelu fwd+bwd ({tokens}×4096)", "GB/s",
+         _fwd_bwd(kernels.bias_gelu, (h, hb), torch.randn_like(h)),
+         _fwd_bwd(lambda a, b_: F.gelu(a + b_, approximate="tanh"), (h, hb), torch.randn_like(h)),
+         5 * h.numel() * h.element_size()),  # fwd: read h, write y; bwd: read dy, h, write dh
+        (f"swiglu fwd+bwd ({tokens}×2·2816)", "GB/s",
+         _fwd_bwd(kernels.swiglu, (gu,), torch.randn(tokens, 2816, device=dev, dtype=bf16)),
+         _fwd_bwd(lambda t: F.silu(t[..., :2816]) * t[..., 2816:], (gu,),
+                  torch.randn(tokens, 2816, device=dev, dtype=bf16)),
+         # fwd: read 2F, write F; bwd: read F + 2F, write 2F
+         4 * gu.numel() * gu.element_size()),
+        (f"rope on packed qkv fwd+bwd ({seq}×{tokens // seq}×3·1024)", "GB/s",
+         _fwd_bwd(lambda t: kernels.rope_packed(t, cos, sin, 16, 16), (qkv,), torch.randn_like(qkv)),
+         _fwd_bwd(unfused_rope, (qkv,), torch.randn(tokens // seq, 48, seq, 64, device=dev, dtype=bf16)),
+         4 * qkv.numel() * qkv.element_size()),  # read + write, each way
+    ]
 
 
 def _gpu_cases(small: bool) -> list[tuple]:
@@ -115,6 +172,7 @@ def _gpu_cases(small: bool) -> list[tuple]:
             norm_bytes,
         ),
     ]
+    cases += fused_cases(dev, tokens=4096 if small else 8192)
     for seq in (1024,) if small else (1024, 2048, 4096, 8192):
         batch = max(1, 16384 // seq)  # the same number of tokens at every length
         for dim in (64, 128):
@@ -273,8 +331,15 @@ def _run_cpu() -> int:
         )
         return p
 
+    qkv = torch.randn(24, 2, 3 * 4 * 16)
+    cos, sin = torch.cos(torch.randn(24, 8)), torch.sin(torch.randn(24, 8))
     cases = [
         ("layer_norm (8, 200)", lambda: kernels.layer_norm(x, w, b)),
+        ("add + layer_norm (8, 200)", lambda: kernels.add_layer_norm(x, x * 0.5, w, b)[1]),
+        ("bias + gelu (8, 200)", lambda: kernels.bias_gelu(x, b)),
+        ("swiglu (8, 200)", lambda: kernels.swiglu(x)),
+        ("rope on packed qkv (24, 2, 192)", lambda: kernels.rope_packed(qkv, cos, sin, 4, 4)),
+        ("attention from packed qkv (24, 2, 192)", lambda: kernels.attention_packed(qkv, 4, 4)),
         ("rms_norm (8, 200)", lambda: kernels.rms_norm(x, w)),
         ("attention GQA causal (1, 4/2, 40, 64)", lambda: kernels.attention(q, k, v, causal=True)),
         ("cross_entropy (16, 500)", lambda: kernels.cross_entropy(logits, target)),
