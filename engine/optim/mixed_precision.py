@@ -64,27 +64,62 @@ class MixedPrecisionOptimizer:
         pairs = [(p, view) for g in self.groups for p, view in g.views(g.grad)]
         self._views = [view for _, view in pairs]
         self._written = [False] * len(pairs)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i, view))
-                       for i, (p, view) in enumerate(pairs)]
+        # Gradients handed over by autograd, not yet in the fp32 buffer: moved in batches (one foreach copy
+        # and one foreach add for many parameters instead of a launch per parameter from Python), when
+        # FLUSH_ELEMENTS have gathered and at the end of each backward pass.
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._pending_numel = 0
+        self._flush_queued = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, (p, _) in enumerate(pairs)]
 
-    def _make_hook(self, index: int, grad_view: torch.Tensor):
-        # Accumulate into the fp32 flat buffer as soon as autograd has this parameter's gradient,
-        # then drop the compute-dtype gradient: accumulation across micro-batches happens in fp32.
-        written = self._written
+    # compute-dtype gradient elements held back before a batched move into the fp32 buffer (32 MiB of bf16):
+    # small enough that data-parallel buckets still complete, and reduce, while backward runs
+    FLUSH_ELEMENTS = 1 << 24
 
+    def _make_hook(self, index: int):
+        # Take the compute-dtype gradient as soon as autograd has it (dropping p.grad), to be accumulated in
+        # fp32 with the next batch: accumulation across micro-batches happens in fp32.
         def hook(p: torch.Tensor) -> None:
-            if written[index]:
-                grad_view.add_(p.grad)
-            else:
-                grad_view.copy_(p.grad)
-                written[index] = True
-            p.grad = None
-            if self.dp_reduce is not None:
-                self.dp_reduce.on_grad(p)
+            grad, p.grad = p.grad, None
+            self._pending.append((index, p, grad))
+            self._pending_numel += grad.numel()
+            if not self._flush_queued:
+                self._flush_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._flush_at_end_of_backward)
+            if self._pending_numel >= self.FLUSH_ELEMENTS:
+                self._flush()
 
         return hook
 
+    def _flush_at_end_of_backward(self) -> None:
+        self._flush_queued = False
+        self._flush()
+
+    def _flush(self) -> None:
+        """Move the pending gradients into their fp32 views (copy on a view's first gradient of the step, else
+        add), then tell the data-parallel reducer which parameters are done."""
+        pending, self._pending, self._pending_numel = self._pending, [], 0
+        if not pending:
+            return
+        copy_dst, copy_src, add_dst, add_src = [], [], [], []
+        for index, _, grad in pending:
+            if self._written[index]:
+                add_dst.append(self._views[index])
+                add_src.append(grad)
+            else:
+                copy_dst.append(self._views[index])
+                copy_src.append(grad)
+                self._written[index] = True
+        if copy_dst:
+            torch._foreach_copy_(copy_dst, copy_src)
+        if add_dst:
+            torch._foreach_add_(add_dst, add_src)
+        if self.dp_reduce is not None:
+            for _, p, _ in pending:
+                self.dp_reduce.on_grad(p)
+
     def _zero_unwritten(self) -> None:
+        self._flush()  # nothing is pending after a backward; kept for callers between hooks and its end
         for i, view in enumerate(self._views):
             if not self._written[i]:
                 view.zero_()

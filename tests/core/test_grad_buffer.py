@@ -1,6 +1,7 @@
 """The fp32 flat gradient buffer of the stage-0 optimizer: a parameter's first gradient of a step is copied
 into its view (no memset in zero_grad, no read of the fp32 buffer on the first micro-batch), later ones are
-added, and a view that got no gradient by the time the step begins counts as zero."""
+added, and a view that got no gradient by the time the step begins counts as zero. Gradients move into the
+buffer in batches (foreach copy/add) during and at the end of each backward."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def _flat_grads(opt: MixedPrecisionOptimizer) -> dict[str, torch.Tensor]:
     return {name: view.clone() for g in opt.groups for (name, _), (_, view) in zip(g.named_params, g.views(g.grad))}
 
 
-def test_accumulates_over_micro_batches_and_zeroes_unused_views():
+@pytest.mark.parametrize("flush_elements", [1, 7, 1 << 24])  # every gradient, some, all at backward's end
+def test_accumulates_over_micro_batches_and_zeroes_unused_views(monkeypatch, flush_elements):
+    monkeypatch.setattr(MixedPrecisionOptimizer, "FLUSH_ELEMENTS", flush_elements)
     model = _TwoBranch()
     opt = _optimizer(model)
     xs = [torch.randn(2, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -97,3 +100,16 @@ def test_overflow_skip_does_not_leak_into_the_next_step():
     assert not result.skipped
     assert result.grad_norm == pytest.approx(math.sqrt(sum(g.square().sum().item() for g in want.values())),
                                              rel=1e-6)
+
+
+def test_gradients_are_in_the_buffer_when_backward_returns():
+    # with the default batch size nothing flushes mid-backward: the end-of-backward callback must have run
+    model = _TwoBranch()
+    opt = _optimizer(model)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+    want = _grads(model, [x], use_b=True)
+    model(x, True).backward()
+    assert not opt._pending
+    got = _flat_grads(opt)
+    for name in ("a", "b"):
+        assert torch.equal(got[name], want[name]), name
