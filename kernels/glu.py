@@ -30,6 +30,18 @@ def _sigmoid_and_complement(g):
 
 
 @triton.jit
+def _load_tile(X, stride_x, M, F, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (rows, cols, mask) and its fp32 [BLOCK_M, BLOCK_N] tiles of gate and up."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < F)[None, :]
+    x_ptr = X + rows[:, None] * stride_x + cols[None, :]
+    gate = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + F, mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, mask, gate, up
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     X,  # (M, 2F) [gate | up], row stride stride_x, unit column stride
     Y,  # (M, F) out in X's dtype, row stride stride_y
@@ -40,12 +52,7 @@ def _swiglu_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < F)[None, :]
-    x_ptr = X + rows[:, None] * stride_x + cols[None, :]
-    gate = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + F, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, gate, up = _load_tile(X, stride_x, M, F, BLOCK_M, BLOCK_N)
     s, _ = _sigmoid_and_complement(gate)
     y = gate * s * up
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -64,13 +71,8 @@ def _swiglu_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < F)[None, :]
-    x_ptr = X + rows[:, None] * stride_x + cols[None, :]
+    rows, cols, mask, gate, up = _load_tile(X, stride_x, M, F, BLOCK_M, BLOCK_N)
     dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + F, mask=mask, other=0.0).to(tl.float32)
     s, one_minus_s = _sigmoid_and_complement(gate)
     silu = gate * s
     dgate = dy * up * s * (1.0 + gate * one_minus_s)

@@ -181,17 +181,22 @@ def test_crash_before_commit_leaves_previous_checkpoint_latest(tmp_path, monkeyp
     assert not [p for p in os.listdir(ckpt) if p.startswith(".tmp_")]
 
 
-def test_error_in_one_process_commits_the_save_in_flight(tmp_path):
-    # One process: the commit's barriers cannot hang, so the consistent step-4 snapshot is kept.
-    trainer = make_trainer(make_config(tmp_path, train=_train(tmp_path / "ckpt", interval=2)))
+def _fail_at_step(trainer, step: int, message: str) -> None:
+    """Make the trainer's forward raise RuntimeError(message) when it computes step ``step``."""
     forward = trainer.model.forward
 
     def broken(ids, targets):
-        if trainer.step + 1 == 5:
-            raise RuntimeError("boom at step 5")
+        if trainer.step + 1 == step:
+            raise RuntimeError(message)
         return forward(ids, targets)
 
     trainer.model.forward = broken
+
+
+def test_error_in_one_process_commits_the_save_in_flight(tmp_path):
+    # One process: the commit's barriers cannot hang, so the consistent step-4 snapshot is kept.
+    trainer = make_trainer(make_config(tmp_path, train=_train(tmp_path / "ckpt", interval=2)))
+    _fail_at_step(trainer, 5, "boom at step 5")
     with pytest.raises(RuntimeError, match="boom at step 5"):
         trainer.fit()
     assert _latest(tmp_path / "ckpt") == "step_00000004"
@@ -292,14 +297,7 @@ def _two_rank_worker(rank, world, args):
     # an error on every rank at step 5 while step 4 is in flight: left uncommitted (the commit needs every
     # rank), latest stays at step 2, and a resumed run continues from there
     t = trainer("crash", steps=6, interval=2)
-    forward = t.model.forward
-
-    def broken(ids, targets):
-        if t.step + 1 == 5:
-            raise RuntimeError("boom")
-        return forward(ids, targets)
-
-    t.model.forward = broken
+    _fail_at_step(t, 5, "boom")
     try:
         t.fit()
     except RuntimeError:
