@@ -109,6 +109,17 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _load_chunk(x_row, dy_row, W, start, N, BLOCK_N: tl.constexpr):
+    """Columns [start, start + BLOCK_N) of one row (chunked backward): (cols, mask, x, dy, w), fp32, 0 past N."""
+    cols = start + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    return cols, mask, x, dy, w
+
+
+@triton.jit
 def _norm_bwd_kernel(
     X,  # (M, N) forward input, row stride stride_x
     DY,  # (M, N) upstream gradient, row stride stride_dy
@@ -205,22 +216,14 @@ def _norm_bwd_kernel(
             acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                mask = cols < N
-                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                cols, mask, x, dy, w = _load_chunk(x_row, dy_row, W, start, N, BLOCK_N)
                 wdy = w * dy  # zero on masked columns, so the sums need no extra masking
                 acc1 += (x - mean) * rstd * wdy
                 acc2 += wdy
             c1 = tl.sum(acc1, axis=0) / N
             c2 = tl.sum(acc2, axis=0) / N
             for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                mask = cols < N
-                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                cols, mask, x, dy, w = _load_chunk(x_row, dy_row, W, start, N, BLOCK_N)
                 xhat = (x - mean) * rstd
                 if IS_RMS:
                     dx = (w * dy - xhat * c1) * rstd
