@@ -20,7 +20,7 @@ setup(
     name="trident-engine",
     version="0.1.0",
     description="3D-parallel LLM pretraining engine: ZeRO 1-3 x tensor x pipeline, Triton kernels",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["engine", "engine.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -29,6 +29,7 @@ setup(
         "triton>=3.0",
         "tqdm>=4.60",
         "matplotlib>=3.5",
+        "safetensors>=0.4",
     ],
     extras_require={
         "dev": [
@@ -40,6 +41,7 @@ setup(
             "transformers>=4.40",
             "safetensors>=0.4",
             "pyarrow>=12",
+            "pybind11>=2.11",
         ],
         "parquet": ["pyarrow>=12"],
         "mpi": ["mpi4py>=3.1"],

@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from engine.config import load_config
-    from engine.runner import run_training
+    from engine.training.runner import run_training
 
     overrides = list(args.overrides)
     if args.peak_tflops is not None:

@@ -26,7 +26,7 @@ def per_call_us(fn, n=300) -> float:
 
 
 def launch_table() -> None:
-    import kernels
+    from engine import kernels
 
     dev = "cuda"
     x = torch.randn(64, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -60,11 +60,11 @@ def launch_table() -> None:
 
 
 def step_breakdown(model: str, mb: int, kernels_on: bool, steps: int = 6) -> None:
-    from engine.assemble import RunContext, pick_device
     from engine.benchmarks.mfu import bench_config
     from engine.config import parse_config
     from engine.log import RankLogger
-    from engine.trainer import Trainer
+    from engine.training.context import RunContext, pick_device
+    from engine.training.trainer import Trainer
 
     raw = bench_config(model, seq=1024, micro_batch=mb, bf16=True, max_steps=100, log_dir="/tmp/trident-overhead")
     raw["model"]["kernels"] = kernels_on

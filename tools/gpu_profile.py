@@ -28,10 +28,10 @@ def main() -> None:
     args = ap.parse_args()
     import json
 
-    from engine.assemble import RunContext, pick_device
     from engine.config import parse_config
     from engine.log import RankLogger
-    from engine.trainer import Trainer
+    from engine.training.context import RunContext, pick_device
+    from engine.training.trainer import Trainer
 
     raw = bench_config(args.model, seq=args.seq, micro_batch=args.micro_batch, bf16=True, max_steps=100,
                        log_dir="/tmp/trident-profile")

@@ -11,7 +11,7 @@ for s in $steps; do
   case $s in
     info) { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
             python3 -c "import torch,triton,sys;print('python',sys.version.split()[0],'torch',torch.__version__,'cuda',torch.version.cuda,'triton',triton.__version__)"; } 2>&1 | tee "$OUT/info.log" ;;
-    tests) timeout 300 python3 -m pytest -m gpu -q tests/kernels tests/core/test_cuda_graphs.py -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/tests.log" ;;
+    tests) timeout 300 python3 -m pytest -m gpu -q tests/kernels tests/model/test_cuda_graphs.py -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/tests.log" ;;
     kernels) timeout 240 python3 -m engine.bench kernels 2>&1 | tee "$OUT/kernels.log" ;;
     sweep) timeout 300 python3 tools/gpu_norm_sweep.py 2>&1 | tee "$OUT/sweep.log" ;;
     mfu) wait; for mb in 8 16; do

@@ -93,7 +93,7 @@ def fused_cases(dev: str, *, tokens: int) -> list[tuple]:
     torch form: (name, "GB/s", ours, theirs, bytes). Also built on CPU by the tests (reference kernels)."""
     import torch.nn.functional as F
 
-    import kernels
+    from engine import kernels
 
     bf16 = torch.bfloat16
     xr = torch.randn(tokens, 1024, device=dev, dtype=bf16, requires_grad=True)
@@ -147,7 +147,7 @@ def _gpu_cases(small: bool) -> list[tuple]:
     """(name, kind, triton_fn, torch_fn, work) with work in bytes ('GB/s') or FLOPs ('TFLOP/s')."""
     import torch.nn.functional as F
 
-    import kernels
+    from engine import kernels
 
     dev, bf16 = "cuda", torch.bfloat16
     rows, hidden = (4096, 2048) if small else (16384, 4096)
@@ -300,8 +300,8 @@ def _run_gpu(small: bool) -> int:
 
 
 def _run_cpu() -> int:
-    import kernels
-    from kernels.dispatch import interpreter_loaded
+    from engine import kernels
+    from engine.kernels.dispatch import interpreter_loaded
 
     print("no CUDA device: GPU figures (bandwidth, TFLOP/s, peak memory, ratios) are UNMEASURED.")
     if not interpreter_loaded():
@@ -370,5 +370,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if torch.cuda.is_available():
         return _run_gpu(args.small)
     if "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: see kernels.dispatch
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: see engine.kernels.dispatch
     return _run_cpu()

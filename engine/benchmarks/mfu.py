@@ -54,10 +54,10 @@ def bench_config(model: str, *, seq: int, micro_batch: int, bf16: bool, max_step
 
 
 def measure_trident(raw: dict, *, steps: int, warmup: int) -> tuple[float, int]:
-    from engine.assemble import RunContext, pick_device
     from engine.config import parse_config
     from engine.log import RankLogger
-    from engine.trainer import Trainer
+    from engine.training.context import RunContext, pick_device
+    from engine.training.trainer import Trainer
 
     cfg = parse_config(raw)
     device = pick_device(cfg)

@@ -22,8 +22,8 @@ import string
 from collections.abc import Sequence
 from fractions import Fraction
 
+from engine.benchmarks.pipeline_measure import MeasureOptions, Trace, run_measurement, step_measure
 from engine.errors import ConfigError
-from engine.pipeline.measure import MeasureOptions, Trace, run_measurement, step_measure
 from engine.pipeline.schedules import SCHEDULE_NAMES, Backward, BackwardWeight, Forward, build_all
 from engine.pipeline.simulate import SimResult, Span, simulate
 

@@ -50,8 +50,8 @@ def _batch(args, step: int, rank: int):
 
 def _run_trident(cfg, rank: int, world: int, args) -> dict:
 
-    from engine.assemble import build_model, build_optimizer
-    from engine.parallel_setup import build_context
+    from engine.training.assembly import build_model, build_optimizer
+    from engine.training.process import build_context
 
     ctx, sync = build_context(cfg, rank=rank, world_size=world)
     model = build_model(cfg, ctx)

@@ -6,7 +6,7 @@ and both Adam moments.
 
 * Decode (``read_logical_state``): every old rank's optimizer state describes its flat buffers (names,
   shapes, offsets, TP split: ``FlatLayout.describe``, checkpoint format 2; format 1 is decoded from the
-  saved model shapes and the TP split implied by the names, engine/hf/gather.py's ``tp_layout``). A plain
+  saved model shapes and the TP split implied by the names, engine/checkpoint/gather.py's ``tp_layout``). A plain
   data-parallel buffer is read from DP rank 0; a ZeRO bucket is rebuilt by concatenating its DP shards in
   rank order. Pipeline-local names become global ones through the saved run's partition, the last stage's
   copy of a tied embedding is dropped (it equals the first stage's), TP shards are rejoined block by block
@@ -56,7 +56,7 @@ def layout_key(layout: dict) -> tuple:
 
 
 def saved_layout(manifest: dict, shard0: dict, path: str) -> SavedLayout:
-    from engine.hf.gather import model_config, saved_config
+    from engine.checkpoint.gather import model_config, saved_config
 
     raw = saved_config(shard0, path)
     par = raw.get("parallel", {})
@@ -133,8 +133,8 @@ def _decode_position(shards: list[dict], path: str) -> tuple[dict[str, dict[str,
 
 def read_logical_state(path: str) -> tuple[Logical, SavedLayout, dict]:
     """(logical state, the saved layout, old rank 0's shard) of checkpoint directory ``path``."""
-    from engine.dist.topology import Topology
-    from engine.hf.gather import tp_layout
+    from engine.checkpoint.gather import tp_layout
+    from engine.distributed.topology import Topology
     from engine.model.transformer import padded_vocab_size
     from engine.tensor_parallel.init import unshard_blocks
 
@@ -224,7 +224,7 @@ def load_resharded(path: str, *, cfg, ctx, optimizer) -> dict:
     layout; returns the layout-independent rest (old rank 0's shard, with the RNG state of the old rank
     nearest to this one's coordinates). Every rank of the run must call it (the optimizer republishes the
     parameters with DP collectives)."""
-    from engine.dist.topology import Topology
+    from engine.distributed.topology import Topology
 
     logical, old, shard0 = read_logical_state(path)
     check_unexpected(logical, cfg.model, path=path)

@@ -58,7 +58,8 @@ class TridentConfig:
     wandb: WandbConfig = field(doc="Weights & Biases monitor (DeepSpeed's section)", factory=WandbConfig)
     communication_data_type: str | None = field(None, doc="must be fp32 or omitted")
     gradient_predivide_factor: float | None = field(None, doc="must be 1.0 or omitted")
-    zero_allow_untested_optimizer: bool = field(False, doc="accepted for compatibility")
+    zero_allow_untested_optimizer: bool = field(False, doc="no effect: DeepSpeed's permission to run ZeRO with a "
+                                                        "client optimizer; Trident's ZeRO runs only its own AdamW")
     model: ModelConfig = field(doc="the transformer", factory=ModelConfig)
     parallel: ParallelConfig = field(doc="tensor/pipeline layout (dp is derived)", factory=ParallelConfig)
     data: DataConfig = field(doc="datasets and sampling", factory=lambda: DataConfig(synthetic=True))

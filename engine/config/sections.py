@@ -1,5 +1,6 @@
 """Config sections. DeepSpeed's keys keep DeepSpeed's names, defaults and meaning; ``model``,
-``parallel``, ``data``, ``train`` and ``resilience`` are Trident's own (see DESIGN.md)."""
+``parallel``, ``data``, ``train`` and ``resilience`` are Trident's own (see docs/architecture.md and the
+generated reference docs/config.md)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ class AdamParams:
     adam_w_mode: bool = field(True, doc="DeepSpeed's Adam: true = decoupled decay (AdamW), false = L2 in grad")
     bias_correction: bool = field(True, doc="Adam bias correction")
     amsgrad: bool = field(False, doc="must be false: AMSGrad is not implemented", choices=(False,))
-    torch_adam: bool = field(False, doc="accepted for compatibility; Trident always uses its own Adam")
-    fused: bool = field(False, doc="accepted for compatibility; fusion follows model.kernels")
+    torch_adam: bool = field(False, doc="no effect: DeepSpeed's choice between torch.optim.Adam and its own fused "
+                                        "Adam; Trident always runs its own AdamW over flat fp32 buffers")
+    fused: bool = field(False, doc="no effect: DeepSpeed's fused-kernel switch; Trident fuses the update when "
+                                   "model.kernels is on")
 
     def validate(self, path: str) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -50,7 +53,8 @@ class SchedulerParams:
     total_num_steps: int | None = field(None, doc="WarmupDecayLR/WarmupCosineLR: length of the schedule", min=1)
     warmup_min_ratio: float = field(0.0, doc="WarmupCosineLR: warmup start as a fraction of lr", min=0.0)
     cos_min_ratio: float = field(0.0001, doc="WarmupCosineLR: final LR as a fraction of lr", min=0.0)
-    last_batch_iteration: int = field(-1, doc="DeepSpeed compatibility; must be -1", choices=(-1,))
+    last_batch_iteration: int = field(-1, doc="must be -1: the schedule position is restored from the checkpoint, "
+                                          "not set by hand", choices=(-1,))
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,8 @@ class FP16Config:
 @dataclass(frozen=True)
 class BF16Config:
     enabled: bool = field(False, doc="bf16 compute with fp32 master weights (no loss scaling)")
-    immediate_grad_update: bool = field(False, doc="accepted for compatibility (no effect)")
+    immediate_grad_update: bool = field(False, doc="no effect: gradients are always accumulated into fp32 as soon "
+                                                   "as autograd produces them, what DeepSpeed's true does")
     bf16_master_weights_and_grads: bool = field(False, doc="must be false: masters and gradients are fp32",
                                                 choices=(False,))
     bf16_optimizer_states: bool = field(False, doc="must be false: Adam moments are fp32", choices=(False,))
@@ -115,12 +120,16 @@ class ZeroConfig:
                                            "gathered elements stays gathered from its forward to its "
                                            "backward (0: always released)", min=0,
                                            alias="max_reuse_distance")
-    stage3_gather_16bit_weights_on_model_save: bool = field(False, doc="stage 3: save a gathered 16-bit model",
+    stage3_gather_16bit_weights_on_model_save: bool = field(False, doc="stage 3: beside each checkpoint, rank 0 also "
+                                                            "writes the whole model gathered from the shards in the "
+                                                            "compute dtype (model_16bit.safetensors)",
                                                             alias="gather_16bit_weights_on_model_save")
     sub_group_size: int = field(1_000_000_000, doc="no effect: DeepSpeed steps the optimizer in sub-groups to bound "
                                 "its temporaries; Trident's fused AdamW updates the shard in place without any",
                                 min=1)
-    load_from_fp32_weights: bool = field(True, doc="restore masters from fp32 copies on load")
+    load_from_fp32_weights: bool = field(True, doc="on load, take the fp32 master weights from the checkpoint's fp32 "
+                                         "copies (true) or re-derive them from its bf16/fp16 model weights, keeping "
+                                         "their rounding (false)")
     elastic_checkpoint: bool = field(False, doc="no effect: checkpoints always load at another data-parallel "
                                                 "size (resharded on load)")
     ignore_unused_parameters: bool = field(True, doc="must be true: parameters that get no gradient keep a zero "
@@ -134,8 +143,11 @@ class ActivationCheckpointingConfig:
     partition_activations: bool = field(False, doc="must be false (not implemented)", choices=(False,))
     cpu_checkpointing: bool = field(False, doc="must be false (no CPU offload)", choices=(False,))
     contiguous_memory_optimization: bool = field(False, doc="must be false", choices=(False,))
-    number_checkpoints: int | None = field(None, doc="accepted for compatibility")
-    synchronize_checkpoint_boundary: bool = field(False, doc="accepted for compatibility (no effect)")
+    number_checkpoints: int | None = field(None, doc="no effect: DeepSpeed sizes its contiguous activation buffer "
+                                                     "with it, which needs contiguous_memory_optimization (refused)")
+    synchronize_checkpoint_boundary: bool = field(False, doc="no effect: DeepSpeed's device synchronize at each "
+                                                             "checkpoint boundary, a profiling aid; Trident never "
+                                                             "needs it for correctness")
     profile: bool = field(False, doc="must be false", choices=(False,))
 
 

@@ -20,7 +20,7 @@ from engine.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinea
 
 
 def _kernels():
-    import kernels  # imported lazily: only when model.kernels is on
+    from engine import kernels  # imported lazily: only when model.kernels is on
 
     return kernels
 

@@ -105,7 +105,7 @@ class Transformer(nn.Module):
         logits = self.logits(x)  # (S, B, Vl)
         start = (self.tp_group.rank if group_size(self.tp_group) > 1 else 0) * logits.shape[-1]
         if self.use_kernels and group_size(self.tp_group) == 1 and self.padded_vocab == self.cfg.vocab_size:
-            import kernels
+            from engine import kernels
 
             # the logits are dead after the loss: their storage takes the gradient (no second V-wide tensor)
             return kernels.cross_entropy(logits.flatten(0, 1), targets.t().flatten(),

@@ -17,7 +17,7 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     already checked that the gradients are finite (their global norm), so the kernel makes one pass.
     ``out`` (kernel path only: the caller copies otherwise) receives the updated weights in its dtype."""
     if use_kernel and decoupled and bias_correction:
-        import kernels
+        from engine import kernels
 
         kernels.adamw_(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                        weight_decay=weight_decay, step=step, grad_scale=1.0 / grad_scale,

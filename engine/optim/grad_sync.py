@@ -79,7 +79,7 @@ class DistGradSync:
     def reduce_gradients(self, groups, *, data_parallel: bool = True) -> None:
         """TP / tied-embedding sums, then the DP sum unless the caller already reduced over DP (the
         overlapped buckets of stage 0): the sums commute, so their order does not change the result."""
-        from engine.dist import collectives
+        from engine.distributed import collectives
 
         for g in groups:
             if self.sequence_parallel and g.replicated_start < g.numel:
@@ -92,7 +92,7 @@ class DistGradSync:
                 collectives.all_reduce(g.grad, self.groups.dp)
 
     def sum_across_model_parallel(self, value: torch.Tensor) -> torch.Tensor:
-        from engine.dist import collectives
+        from engine.distributed import collectives
 
         if self.groups.model_parallel.size > 1:
             collectives.all_reduce(value, self.groups.model_parallel)
@@ -136,7 +136,7 @@ class OverlappedDPReduce:
             self.bucket_of[id(p)] = bucket
 
     def on_grad(self, param) -> None:
-        from engine.dist import collectives
+        from engine.distributed import collectives
 
         bucket = self.bucket_of[id(param)]
         bucket["seen"] += 1
@@ -146,7 +146,7 @@ class OverlappedDPReduce:
 
     def finish(self) -> None:
         """Wait for the launched buckets, reduce the rest (in a fixed order on every rank), reset."""
-        from engine.dist import collectives
+        from engine.distributed import collectives
 
         for h in self.handles:
             h.wait()

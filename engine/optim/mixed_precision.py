@@ -9,24 +9,14 @@ ZeRO optimizer (engine/zero) shards these same flat buffers.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from engine.config import OptimizerConfig
-from engine.optim.adamw import adamw_update
 from engine.optim.flat import FlatGroup
 from engine.optim.grad_sync import GradSync, LocalGradSync
 from engine.optim.param_groups import split_decay
-
-
-@dataclass
-class StepResult:
-    skipped: bool
-    grad_norm: float  # of the unscaled, unclipped gradients; inf/nan on overflow
-    clip_coef: float
+from engine.optim.update import Segment, StepResult, adamw_step, check_gradients
 
 
 class MixedPrecisionOptimizer:
@@ -159,27 +149,30 @@ class MixedPrecisionOptimizer:
             self.dp_reduce.finish()
         self.sync.reduce_gradients(self.groups, data_parallel=self.dp_reduce is None)
         sq = self.sync.sum_across_model_parallel(self._grad_sq_sum())
-        norm = math.sqrt(sq.item()) / loss_scale if math.isfinite(sq.item()) else float("inf")
-        if not math.isfinite(norm):
+        result = check_gradients(sq.item(), loss_scale=loss_scale, clip=self.clip)
+        if result.skipped:
             self.zero_grad()
-            return StepResult(skipped=True, grad_norm=float("nan") if math.isnan(sq.item()) else norm,
-                              clip_coef=1.0)
-        clip_coef = 1.0
-        if self.clip > 0.0:
-            # DeepSpeed / torch clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
-            clip_coef = min(1.0, self.clip / (norm + 1e-6))
-        p = self.cfg.params
+            return result
         self.applied_steps += 1
-        for g in self.groups:
-            fused_out = g.compute if self.use_kernels and g.compute_aliased() else None
-            adamw_update(g.master, g.grad, g.exp_avg, g.exp_avg_sq, lr=lr, beta1=p.betas[0], beta2=p.betas[1],
-                         eps=p.eps, weight_decay=g.weight_decay, step=self.applied_steps,
-                         decoupled=self.cfg.decoupled, bias_correction=p.bias_correction,
-                         grad_scale=clip_coef / loss_scale, use_kernel=self.use_kernels, out=fused_out)
-            if fused_out is None:
+        # the fused kernel writes the new compute-dtype weights straight into the model's flat storage
+        fused = [g.compute if self.use_kernels and g.compute_aliased() else None for g in self.groups]
+        adamw_step([Segment(g.master, g.grad, g.exp_avg, g.exp_avg_sq, g.weight_decay, out)
+                    for g, out in zip(self.groups, fused)], self.cfg, lr=lr, step=self.applied_steps,
+                   loss_scale=loss_scale, result=result, use_kernels=self.use_kernels)
+        for g, out in zip(self.groups, fused):
+            if out is None:
                 g.copy_master_to_params()
         self.zero_grad()
-        return StepResult(skipped=False, grad_norm=norm, clip_coef=clip_coef)
+        return result
+
+    def masters_from_params(self) -> None:
+        """fp32 masters := the compute-dtype parameters (``load_from_fp32_weights: false``: DeepSpeed then
+        initialises the masters from the 16-bit model, keeping its rounding). No-op when they alias."""
+        with torch.no_grad():
+            for g in self.groups:
+                for p, view in g.views(g.master):
+                    if p.data_ptr() != view.data_ptr():
+                        view.copy_(p)
 
     def state_dict(self) -> dict:
         return {

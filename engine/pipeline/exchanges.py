@@ -22,10 +22,21 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from engine.pipeline.schedules import Instruction, P2POp
+from engine.pipeline.instructions import (
+    Backward,
+    BackwardWeight,
+    Exchange,
+    Forward,
+    Instruction,
+    OptimizerStep,
+    P2POp,
+    RecvActivation,
+    RecvGrad,
+    ReduceGrads,
+    SendActivation,
+    SendGrad,
+)
 
 # Unit times for both: with backward = 2 x forward, interleaved 1F1B has messages whose producer and
 # consumer stages share no op boundary before the consumer needs the data (e.g. p=2, m=4, v=2).
@@ -39,8 +50,6 @@ def _model_chunk(chunk: int, stage: int, stages: int) -> int:
 
 def _producer(op, *, stage: int, stages: int, chunks: int) -> tuple[int, int] | None:
     """(stage, op) position of the op whose output ``op`` consumes, as (stage, local chunk); None if local."""
-    from engine.pipeline.schedules import BackwardWeight, Forward  # noqa: PLC0415 - avoid an import cycle
-
     if isinstance(op, BackwardWeight):  # needs only its own stage's Backward
         return None
     k = _model_chunk(op.chunk, stage, stages) + (-1 if isinstance(op, Forward) else 1)
@@ -53,8 +62,6 @@ def _timeline(
     orders: Sequence[Sequence], *, stages: int, chunks: int
 ) -> list[list[tuple[Fraction, Fraction]]]:
     """ASAP (start, end) of every op in ``orders[s]``; raises if the orders cannot make progress."""
-    from engine.pipeline.schedules import Backward, BackwardWeight, Forward  # noqa: PLC0415
-
     ends: dict[tuple[int, type, int, int], Fraction] = {}  # (stage, kind, micro, chunk) -> end
     times: list[list[tuple[Fraction, Fraction]]] = [[] for _ in range(stages)]
     free = [Fraction(0)] * stages
@@ -100,17 +107,6 @@ def _busy_until(spans: list[tuple[Fraction, Fraction]], t: Fraction) -> Fraction
 
 def weave_exchanges(orders: Sequence[Sequence], *, stages: int, chunks: int) -> list[list[Instruction]]:
     """Every stage's full stream: compute ops, exchanges, then ReduceGrads and OptimizerStep."""
-    from engine.pipeline.schedules import (  # noqa: PLC0415
-        Exchange,
-        Forward,
-        OptimizerStep,
-        RecvActivation,
-        RecvGrad,
-        ReduceGrads,
-        SendActivation,
-        SendGrad,
-    )
-
     times = _timeline(orders, stages=stages, chunks=chunks)
     where = {(s, type(op), op.micro, op.chunk): i for s in range(stages) for i, op in enumerate(orders[s])}
     # exchanges[s][T] = list of (message key, op)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.dist import collectives
+from engine.distributed import collectives
 from engine.pipeline.schedules import (
     Backward,
     BackwardWeight,

@@ -39,16 +39,14 @@ def stage_partition(cfg: TridentConfig) -> Partition:
                             method=PARTITION_METHOD)
 
 
-def build_stage_model(cfg: TridentConfig, ctx) -> nn.Module:
+def build_stage_model(cfg: TridentConfig, ctx, *, use_kernels: bool = False) -> nn.Module:
     """The chunk(s) of pipeline stage ``ctx.pp_rank`` in fp32 (one ``Transformer``, or a ``ModuleList`` of
-    ``virtual_stages`` of them)."""
-    from engine.assemble import use_kernels  # noqa: PLC0415 - the composition helpers import this module
-
+    ``virtual_stages`` of them), on Trident's fused kernels when ``use_kernels``."""
     check_pipeline_layout(cfg, dp=ctx.dp_size)
     tp_group = getattr(ctx.groups, "tp", None) if ctx.groups is not None else None
     chunks = [
         Transformer(cfg.model, seed=cfg.train.seed, tp_group=tp_group,
-                    sequence_parallel=cfg.parallel.sequence_parallel, use_kernels=use_kernels(cfg, ctx.device),
+                    sequence_parallel=cfg.parallel.sequence_parallel, use_kernels=use_kernels,
                     first=c.has_embedding, last=c.has_head, layer_ids=list(c.layers))
         for c in stage_partition(cfg).chunks_of(ctx.pp_rank)
     ]

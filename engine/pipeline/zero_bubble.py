@@ -13,7 +13,8 @@ is (p-1)/(3m), a third of 1F1B's (p-1)/m (``simulate`` checks it exactly).
 
 from __future__ import annotations
 
-from engine.pipeline.schedules import Backward, BackwardWeight, Compute, one_f_one_b_order
+from engine.pipeline.instructions import Backward, BackwardWeight, Compute
+from engine.pipeline.orders import one_f_one_b_order
 
 
 def zb_h1_order(*, stages: int, microbatches: int, stage: int) -> list[Compute]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.dist import collectives
+from engine.distributed import collectives
 
 
 class _VocabParallelCE(torch.autograd.Function):

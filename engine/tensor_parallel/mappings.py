@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.dist import collectives
+from engine.distributed import collectives
 
 
 def _trivial(group) -> bool:

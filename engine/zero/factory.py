@@ -11,17 +11,6 @@ from engine.zero.optimizer import ZeroOptimizer
 ALL_IN_ONE = 1 << 62  # stage-3 buckets are whole units (one all-gather per layer); stage 2 + overlap: one bucket
 
 
-def check_zero_layout(cfg) -> None:
-    """Refuse, by name, the compositions not proven equal to the single-device run (never a wrong answer).
-
-    None is refused today: every stage x tp x pp (x virtual stages) composition reproduces the single-device
-    run (tests/zero/test_zero_equivalence.py, tests/zero/test_zero_pipeline.py). Unlike DeepSpeed, which
-    refuses ZeRO-2/3 with pipeline parallelism, the reducer counts gradient hooks per bucket, so the
-    pipeline's interleaved micro-batches reduce-scatter exactly once each (engine/zero/reducer.py), and
-    stage 3 gathers by module hooks that fire inside the executor's piece calls (engine/zero/stage3.py)."""
-    del cfg
-
-
 def model_chunks(model: nn.Module) -> list[nn.Module]:
     """The ``Transformer`` chunk(s) of this rank: the model itself, or the pipeline stage's ``ModuleList``."""
     return list(model) if isinstance(model, nn.ModuleList) else [model]
@@ -39,13 +28,13 @@ def _units(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
     return units
 
 
-def build_zero_optimizer(cfg, ctx, model: nn.Module, grad_sync) -> ZeroOptimizer:
-    from engine.assemble import use_kernels
+def build_zero_optimizer(cfg, ctx, model: nn.Module, grad_sync, *, use_kernels: bool = False) -> ZeroOptimizer:
+    """The ZeRO optimizer of ``cfg.zero_optimization.stage`` over ``model``'s trainable parameters; its AdamW
+    runs the fused kernel when ``use_kernels``."""
     from engine.config import resolve_batch
-    from engine.dist.collectives import Group
+    from engine.distributed.collectives import Group
     from engine.optim.grad_sync import LocalGradSync
 
-    check_zero_layout(cfg)
     zero = cfg.zero_optimization
     stage = zero.stage
     sync = grad_sync or LocalGradSync()
@@ -89,6 +78,6 @@ def build_zero_optimizer(cfg, ctx, model: nn.Module, grad_sync) -> ZeroOptimizer
                                  hold_outer=cfg.parallel.pipeline > 1)
     return ZeroOptimizer(buckets, cfg.optimizer, stage=stage, clip=cfg.gradient_clipping, grad_sync=sync,
                          dp_group=dp, micro_batches=resolve_batch(cfg, ctx.dp_size).grad_accum,
-                         overlap_comm=zero.overlap_comm, use_kernels=use_kernels(cfg, ctx.device),
+                         overlap_comm=zero.overlap_comm, use_kernels=use_kernels,
                          gatherer=gatherer, allgather_bucket_size=zero.allgather_bucket_size, unit_of=unit_of,
                          piece_numel=zero.reduce_bucket_size if pieces_by_unit else None)

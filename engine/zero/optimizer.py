@@ -11,13 +11,10 @@ gathered by engine/zero/stage3.py when a layer runs).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from engine.dist import collectives
-from engine.optim.adamw import adamw_update
-from engine.optim.mixed_precision import StepResult
+from engine.distributed import collectives
+from engine.optim.update import Segment, StepResult, adamw_step, check_gradients
 from engine.zero.buckets import ShardedBucket
 from engine.zero.reducer import BucketReducer
 
@@ -76,24 +73,17 @@ class ZeroOptimizer:
 
     def step(self, *, lr: float, loss_scale: float) -> StepResult:
         self._finish_reduction()
-        sq = self._grad_sq_sum().item()
-        norm = math.sqrt(sq) / loss_scale if math.isfinite(sq) else float("inf")
-        if not math.isfinite(norm):
+        result = check_gradients(self._grad_sq_sum().item(), loss_scale=loss_scale, clip=self.clip)
+        if result.skipped:
             self.zero_grad()
-            return StepResult(skipped=True, grad_norm=float("nan") if math.isnan(sq) else norm, clip_coef=1.0)
-        clip_coef = min(1.0, self.clip / (norm + 1e-6)) if self.clip > 0.0 else 1.0
-        p = self.cfg.params
+            return result
         self.applied_steps += 1
-        for b in self.buckets:
-            for lo, hi, wd in b.wd_segments:
-                adamw_update(b.master[lo:hi], b.grad[lo:hi], b.exp_avg[lo:hi], b.exp_avg_sq[lo:hi], lr=lr,
-                             beta1=p.betas[0], beta2=p.betas[1], eps=p.eps, weight_decay=wd,
-                             step=self.applied_steps, decoupled=self.cfg.decoupled,
-                             bias_correction=p.bias_correction, grad_scale=clip_coef / loss_scale,
-                             use_kernel=self.use_kernels)
+        adamw_step((Segment(b.master[lo:hi], b.grad[lo:hi], b.exp_avg[lo:hi], b.exp_avg_sq[lo:hi], wd)
+                    for b in self.buckets for lo, hi, wd in b.wd_segments), self.cfg, lr=lr,
+                   step=self.applied_steps, loss_scale=loss_scale, result=result, use_kernels=self.use_kernels)
         self._publish_params()
         self.zero_grad()
-        return StepResult(skipped=False, grad_norm=norm, clip_coef=clip_coef)
+        return result
 
     def _publish_params(self) -> None:
         handles = []
@@ -120,6 +110,17 @@ class ZeroOptimizer:
             for k, v in b.model_state_bytes().items():
                 out[k] += v
         return out
+
+    def masters_from_params(self) -> None:
+        """fp32 master shards := this rank's shard of the compute-dtype parameters (``load_from_fp32_weights:
+        false``, DeepSpeed's meaning: masters initialised from the 16-bit model, keeping its rounding)."""
+        with torch.no_grad():
+            for b in self.buckets:
+                if b.partitioned:
+                    b.master.copy_(b.param_shard)
+                    continue
+                for p, (a, z), (pa, pz) in b.shard_pieces():
+                    b.master[a:z].copy_(p.detach().reshape(-1)[pa:pz])
 
     def state_dict(self) -> dict:
         return {"applied_steps": self.applied_steps, "stage": self.stage, "kind": "zero",

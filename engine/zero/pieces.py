@@ -13,7 +13,7 @@ gradient memory to the pieces in flight. (Stage 3 buckets are one unit each alre
 A piece covers a few ranges of the bucket (its parameters, merged where adjacent; the last piece also
 the bucket's padding, so a step still moves the whole padded bucket),
 which straddle the ranks' shards unevenly: it is reduce-scattered with per-rank sizes ``splits`` (an
-all-to-all plus a local sum, engine/dist/collectives.py), and this rank receives the sum of its ``mine``
+all-to-all plus a local sum, engine/distributed/collectives.py), and this rank receives the sum of its ``mine``
 segments. Because shards are contiguous and in rank order, the piece's elements in bucket order are already
 grouped by destination rank: the send buffer is just the ranges concatenated. Pure index math, no torch.
 """

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.dist import collectives
+from engine.distributed import collectives
 from engine.zero.buckets import ShardedBucket
 from engine.zero.pieces import ReducePiece, plan_pieces
 

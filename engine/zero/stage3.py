@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.dist import collectives
+from engine.distributed import collectives
 from engine.zero.buckets import ShardedBucket
 from engine.zero.live_params import kept_blocks
 

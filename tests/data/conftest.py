@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from data_helpers import make_docs
 
 from engine.data.tokenizer import Tokenizer
+from tests.data.data_helpers import make_docs
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_helpers import write_random_shards
 
 from engine.data.dataset import SyntheticDataset, build_datasets
 from engine.data.loader import StepLoader, rank_sample_ids
 from engine.data.shards import shard_prefix, write_meta
 from engine.errors import ConfigError, DataError
+from tests.data.data_helpers import write_random_shards
 
 
 def _stream_reference(docs, index, seq_len):

@@ -7,10 +7,10 @@ import struct
 
 import numpy as np
 import pytest
-from data_helpers import write_random_shards
 
 from engine.data.indexed import MAGIC, IndexedDataset, IndexedDatasetWriter
 from engine.errors import DataError
+from tests.data.data_helpers import write_random_shards
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64, np.uint8])

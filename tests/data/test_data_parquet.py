@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_helpers import write_jsonl
 
 from engine.data.indexed import IndexedDataset
 from engine.errors import DataError
 from engine.prepare import main
+from tests.data.data_helpers import write_jsonl
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -11,12 +11,12 @@ import sys
 
 import numpy as np
 import pytest
-from data_helpers import make_docs, write_jsonl
 
 from engine.data.dataset import build_datasets
 from engine.data.indexed import IndexedDataset
 from engine.data.shards import resolve_shards
 from engine.prepare import main
+from tests.data.data_helpers import make_docs, write_jsonl
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 

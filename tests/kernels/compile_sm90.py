@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import adamw, attention_bwd, attention_fwd, chunked_cross_entropy, gelu, glu, norm, rope  # noqa: E402
+from engine.kernels import adamw, attention_bwd, attention_fwd, chunked_cross_entropy, gelu, glu, norm, rope  # noqa: E402
 
 BF16 = "*bf16"
 F32 = "*fp32"
@@ -107,7 +107,7 @@ CASES = {
     ),
 }
 
-# The norm kernels at the launch configurations kernels/norm.py picks on a GPU (num_warps, BLOCK_M, maxnreg,
+# The norm kernels at the launch configurations engine/kernels/norm.py picks on a GPU (num_warps, BLOCK_M, maxnreg,
 # pipelining depth), for bf16 activations and fp32 weights. Triton specialises pointers (16-byte aligned) and
 # integers divisible by 16 at launch: hidden sizes and row strides are, so the cases are compiled that way
 # (vectorised loads; without it every element is its own load and the register counts mean nothing).
@@ -157,15 +157,15 @@ def _norm_cases() -> dict:
     cases["norm_partials_sum"] = (
         norm._partials_sum_kernel,
         dict(DW_PART=F32, DB_PART=F32, DW=BF16, DB=BF16),
-        dict(HAS_BIAS=True, BLOCK_G=norm.REDUCE_BLOCK_G, BLOCK_N=norm.REDUCE_BLOCK_N),
-        dict(num_warps=norm.REDUCE_WARPS, divisible=NORM_DIVISIBLE, ptxas=True),
+        dict(HAS_BIAS=True, BLOCK_G=norm.DEFAULT_LAUNCH.reduce_block_g, BLOCK_N=norm.DEFAULT_LAUNCH.reduce_block_n),
+        dict(num_warps=norm.DEFAULT_LAUNCH.reduce_warps, divisible=NORM_DIVISIBLE, ptxas=True),
     )
     return cases
 
 
 CASES.update(_norm_cases())
 
-# bias + GELU at the H100 launch configuration (kernels/gelu.py), with the same launch specialisation
+# bias + GELU at the H100 launch configuration (engine/kernels/gelu.py), with the same launch specialisation
 GELU_DIVISIBLE = ("H", "B", "Y", "DY", "DH", "DB_PART", "N", "stride_h", "stride_y", "stride_dy", "stride_dh")
 CASES["bias_gelu_fwd"] = (
     gelu._bias_gelu_fwd_kernel,
@@ -173,14 +173,14 @@ CASES["bias_gelu_fwd"] = (
     dict(BLOCK_M=gelu.FWD_TILE // gelu.MAX_BLOCK_N, BLOCK_N=gelu.MAX_BLOCK_N),
     dict(num_warps=gelu.NUM_WARPS, divisible=GELU_DIVISIBLE, ptxas=True),
 )
-# rotary embedding on the packed projection, head_dim 128 (64 pairs), as kernels/rope.py launches it
+# rotary embedding on the packed projection, head_dim 128 (64 pairs), as engine/kernels/rope.py launches it
 CASES["rope_packed"] = (
     rope._rope_kernel,
     dict(X=BF16, Y=BF16, COS=F32, SIN=F32, sign="fp32"),
     dict(BLOCK_R=16, BLOCK_H=64),
     dict(num_warps=8, divisible=("X", "Y", "COS", "SIN", "stride_x", "stride_y", "stride_t"), ptxas=True),
 )
-# SwiGLU at the H100 launch configuration (kernels/glu.py)
+# SwiGLU at the H100 launch configuration (engine/kernels/glu.py)
 SWIGLU_DIVISIBLE = ("X", "Y", "DY", "DX", "F", "stride_x", "stride_y", "stride_dy", "stride_dx")
 SWIGLU_BLOCKS = dict(BLOCK_M=glu.TILE // glu.MAX_BLOCK_N, BLOCK_N=glu.MAX_BLOCK_N)
 CASES["swiglu_fwd"] = (

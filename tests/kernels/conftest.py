@@ -28,7 +28,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 def triton_interpreter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     if request.node.get_closest_marker("gpu") is not None:
         return
-    from kernels.dispatch import interpreter_loaded
+    from engine.kernels.dispatch import interpreter_loaded
 
     if not interpreter_loaded():
         message = "triton was imported without TRITON_INTERPRET=1 (hint: set it in the environment)"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.flash_attention import attention_packed
+from engine import kernels
+from engine.kernels import reference
+from engine.kernels.flash_attention import attention_packed
 
 
 def _run(fn, q, k, v, dout, **kw):
@@ -211,7 +211,7 @@ def test_attention_packed_rejects_bad_shapes(shape, heads, kv_heads, slopes, mat
 
 
 def test_offsets_beyond_32_bits_are_refused():
-    from kernels.flash_attention import _check_offsets
+    from engine.kernels.flash_attention import _check_offsets
 
     storage = torch.empty(2**32, device="meta")
     fits = storage.as_strided((1, 1, 2, 64), (0, 0, 2**31 - 64, 1))

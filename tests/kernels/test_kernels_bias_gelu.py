@@ -1,4 +1,4 @@
-"""Fused bias + tanh-GELU kernels (forward, dh and dbias) against kernels.reference under the interpreter.
+"""Fused bias + tanh-GELU kernels (forward, dh and dbias) against engine.kernels.reference under the interpreter.
 
 The interpreter's tiles are 4 rows x up to 32 columns and the backward splits rows into up to 3 groups, so
 hidden sizes 48/100 span 2-4 column blocks (the last partial) and the row counts below leave a partial
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels.gelu import bias_gelu
+from engine.kernels import reference
+from engine.kernels.gelu import bias_gelu
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

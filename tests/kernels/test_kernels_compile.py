@@ -16,7 +16,7 @@ import pytest
 import triton
 
 REPO = Path(__file__).resolve().parents[2]
-# the norm kernels at the launch configurations kernels/norm.py picks on an H100 (see compile_sm90.py)
+# the norm kernels at the launch configurations engine/kernels/norm.py picks on an H100 (see compile_sm90.py)
 NORM_NAMES = [
     "norm_fwd_1024",
     "add_norm_fwd_1024",

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from engine import kernels
+from engine.kernels import reference
 
 
 def _loss_and_grad(fn, logits, target, dloss, **kw):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import adamw, chunked_cross_entropy, flash_attention, norm, reference
-from kernels.dispatch import use_triton
+from engine import kernels
+from engine.kernels import adamw, chunked_cross_entropy, flash_attention, norm, reference
+from engine.kernels.dispatch import use_triton
 
 
 def _forbid_triton(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""LayerNorm / RMSNorm kernels (forward and backward) against kernels.reference under the interpreter.
+"""LayerNorm / RMSNorm kernels (forward and backward) against engine.kernels.reference under the interpreter.
 
 Under the interpreter the norm picks 64-wide blocks and 256-element tiles: hidden sizes 100 and 200 (not
 powers of two) take the chunked path over 2-4 chunks; 48 and 64 take the tile path with BLOCK_M 4, 16 with
@@ -11,8 +11,8 @@ import pytest
 import torch
 import triton
 
-import kernels
-from kernels import norm, reference
+from engine import kernels
+from engine.kernels import norm, reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CPU = torch.device("cpu")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+from engine import kernels
+from engine.kernels import reference
 from engine.model.positions import apply_rope, rope_tables
-from kernels import reference
 
 
 def _qkv(seq, batch, n_heads, kv_heads, dim, dtype):

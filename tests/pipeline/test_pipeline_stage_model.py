@@ -9,13 +9,13 @@ from fractions import Fraction
 import pytest
 import torch
 
-from engine.assemble import RunContext
 from engine.errors import ConfigError
 from engine.model.transformer import Transformer
 from engine.pipeline.schedules import Forward, build_forward_only
 from engine.pipeline.simulate import simulate
 from engine.pipeline.stage_model import build_stage_model, check_pipeline_layout
-from tests.core.helpers import make_config
+from engine.training.context import RunContext
+from tests.helpers import make_config
 
 
 def _stage_ctx(stage: int) -> RunContext:

@@ -35,8 +35,8 @@ def test_persistent_blocks_are_skipped():
 
 def test_plan_predicts_the_saved_gathers(tmp_path):
     """engine.plan's stage-3 traffic drops by the kept blocks' elements once per micro-batch."""
-    from engine.plan import stage3_kept_elements, zero_comm_elements_per_step
-    from tests.core.helpers import make_config
+    from engine.planning import stage3_kept_elements, zero_comm_elements_per_step
+    from tests.helpers import make_config
 
     assert zero_comm_elements_per_step(100, 3, micro_batches=2, kept=40) == 2 * (300 - 40)
     model = {"n_layers": 4, "d_model": 32, "n_heads": 4, "seq_len": 16, "vocab_size": 96}

@@ -16,7 +16,7 @@ import pathlib
 import tempfile
 
 from engine.zero.reducer import MAX_IN_FLIGHT
-from tests.core.helpers import BASE, run_losses
+from tests.helpers import BASE, run_losses
 from tests.multiproc import run_ranks
 from tests.zero.zero_helpers import dp_step_traffic, zero_config
 
@@ -32,8 +32,8 @@ def _config(stage: int, zero: dict):
 
 def _worker(rank, world, args):
     from engine.log import RankLogger
-    from engine.parallel_setup import build_context
-    from engine.trainer import Trainer
+    from engine.training.process import build_context
+    from engine.training.trainer import Trainer
 
     out = {}
     for name, stage, zero in args["variants"]:
@@ -120,8 +120,8 @@ ONE_BUCKET_VARIANTS = {  # name: (stage, reduce_bucket_size)
 
 def _one_bucket_worker(rank, world, args):
     from engine.log import RankLogger
-    from engine.parallel_setup import build_context
-    from engine.trainer import Trainer
+    from engine.training.process import build_context
+    from engine.training.trainer import Trainer
 
     out = {}
     for name, (stage, size) in ONE_BUCKET_VARIANTS.items():

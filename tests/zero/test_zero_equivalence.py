@@ -2,15 +2,15 @@
 steps) at dp 2 and 4, alone and with tp=2; per-rank model-state bytes follow the ZeRO formula and the
 data-parallel traffic per step equals 2 Psi (stages 0-2) or 3 Psi (stage 3) elements.
 
-Byte convention (engine/dist/collectives.py): reduce-scatter counts its input, all-gather its output,
+Byte convention (engine/distributed/collectives.py): reduce-scatter counts its input, all-gather its output,
 all-reduce its tensor. An all-reduce is a reduce-scatter plus an all-gather (ring algorithm), so stage 0's
 all-reduce of Psi elements is counted here as 2 Psi, as in Rajbhandari et al. (2019), section 7.
 """
 
 import pytest
 
-from engine.plan import zero_model_state_breakdown
-from tests.core.helpers import run_losses
+from engine.planning import zero_model_state_breakdown
+from tests.helpers import run_losses
 from tests.multiproc import run_ranks
 from tests.zero.zero_helpers import STAGES, train_worker, zero_config
 

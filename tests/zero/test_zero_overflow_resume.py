@@ -15,8 +15,8 @@ OVERFLOW_STEPS = (2, 4)  # injected on rank 0 only
 def _worker(rank, world, args):
     from engine.checkpoint import store
     from engine.log import RankLogger
-    from engine.parallel_setup import build_context
-    from engine.trainer import Trainer
+    from engine.training.process import build_context
+    from engine.training.trainer import Trainer
 
     out = {}
     for stage in (1, 2, 3):

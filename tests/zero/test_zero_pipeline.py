@@ -10,7 +10,7 @@ Stage 3 also checks that parameters really are partitioned between steps (empty 
 
 import pathlib
 
-from tests.core.helpers import BASE, run_losses
+from tests.helpers import BASE, run_losses
 from tests.multiproc import run_ranks
 from tests.zero.zero_helpers import STEPS, zero_config
 
@@ -34,9 +34,9 @@ def _worker(rank, world, args):
     import tempfile
 
     from engine.log import RankLogger
-    from engine.parallel_setup import build_context
     from engine.pipeline.executor import PipelineExecutor
-    from engine.trainer import Trainer
+    from engine.training.process import build_context
+    from engine.training.trainer import Trainer
 
     out = {}
     for v in args["variants"]:

@@ -18,8 +18,8 @@ import pathlib
 import tempfile
 
 from engine.model.transformer import count_parameters
-from engine.plan import zero_model_state_breakdown
-from tests.core.helpers import BASE, run_losses
+from engine.planning import zero_model_state_breakdown
+from tests.helpers import BASE, run_losses
 from tests.multiproc import run_ranks
 from tests.zero.test_zero_pipeline import pipeline_zero_config
 from tests.zero.zero_helpers import STEPS, dp_step_traffic, zero_config
@@ -36,8 +36,8 @@ DEFAULTS = [((3, "gpt2", "1f1b", 1, False), {"stage3_max_reuse_distance": BIG}),
 
 def _trainer(cfg, rank, world):
     from engine.log import RankLogger
-    from engine.parallel_setup import build_context
-    from engine.trainer import Trainer
+    from engine.training.process import build_context
+    from engine.training.trainer import Trainer
 
     ctx, sync = build_context(cfg, rank=rank, world_size=world)
     return Trainer(cfg, ctx, log=RankLogger(rank, world), grad_sync=sync), ctx

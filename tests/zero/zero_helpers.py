@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import tempfile
 
-from tests.core.helpers import make_config
+from tests.helpers import make_config
 
 STEPS = 20
 STAGES = (0, 1, 2, 3)
@@ -46,8 +46,8 @@ def dp_step_traffic(trainer, ctx) -> dict[str, dict[str, int]]:
 def train_worker(rank, world, args):
     """Per stage: the losses, the first step's DP bytes by collective, and the model-state bytes."""
     from engine.log import RankLogger
-    from engine.parallel_setup import build_context
-    from engine.trainer import Trainer
+    from engine.training.process import build_context
+    from engine.training.trainer import Trainer
 
     out = {}
     for stage in args["stages"]:
