@@ -23,8 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     from engine.training.quickstart import run_quickstart
 
-    return run_quickstart(args.out, steps=args.steps, vocab_size=args.vocab_size, max_files=args.max_files,
-                          workers=args.workers)
+    return run_quickstart(
+        args.out, steps=args.steps, vocab_size=args.vocab_size, max_files=args.max_files, workers=args.workers
+    )
 
 
 if __name__ == "__main__":

@@ -18,12 +18,26 @@ from engine.errors import cli_main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="DeepSpeed-style JSON config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (value parsed as JSON, else string); repeatable")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak TFLOP/s for MFU (default: from the device table; none on CPU)")
-    p.add_argument("--init-from-hf", default=None, metavar="DIR",
-                   help="start from a local transformers GPT-2/Llama checkpoint (sets train.init_from_hf)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (value parsed as JSON, else string); repeatable",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak TFLOP/s for MFU (default: from the device table; none on CPU)",
+    )
+    p.add_argument(
+        "--init-from-hf",
+        default=None,
+        metavar="DIR",
+        help="start from a local transformers GPT-2/Llama checkpoint (sets train.init_from_hf)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
@@ -42,13 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.init_from_hf:
         overrides.append(f"train.init_from_hf={json.dumps(args.init_from_hf)}")
     cfg = load_config(args.config, overrides)
-    summary = run_training(cfg, resume=True if args.resume else None, fresh=args.fresh,
-                           local_rank=args.local_rank)
+    summary = run_training(cfg, resume=True if args.resume else None, fresh=args.fresh, local_rank=args.local_rank)
     if summary.get("rank", 0) == 0:
         final = summary.get("eval") or {}
         line = {"step": summary["step"], "loss": summary["loss"], **final}
-        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                          for k, v in line.items()}), file=sys.stdout, flush=True)
+        print(
+            json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}),
+            file=sys.stdout,
+            flush=True,
+        )
     return 0
 
 

@@ -15,8 +15,10 @@ BASE = {
     "train_batch_size": 8,
     "train_micro_batch_size_per_gpu": 2,
     "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}},
-    "scheduler": {"type": "WarmupCosineLR",
-                  "params": {"total_num_steps": 20, "warmup_num_steps": 3, "warmup_type": "linear"}},
+    "scheduler": {
+        "type": "WarmupCosineLR",
+        "params": {"total_num_steps": 20, "warmup_num_steps": 3, "warmup_type": "linear"},
+    },
     "gradient_clipping": 1.0,
     "model": {"arch": "gpt2", "n_layers": 2, "d_model": 32, "n_heads": 4, "seq_len": 16, "vocab_size": 96},
     "data": {"synthetic": True, "seed": 7},

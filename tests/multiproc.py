@@ -60,9 +60,7 @@ def _worker(fn: Callable, rank: int, world_size: int, args: Any, init_file: str,
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(
-    fn: Callable[[int, int, Any], Any], world_size: int, *, args: Any = None, timeout_s: float = 120
-) -> list:
+def run_ranks(fn: Callable[[int, int, Any], Any], world_size: int, *, args: Any = None, timeout_s: float = 120) -> list:
     """Run ``fn(rank, world_size, args)`` on ``world_size`` gloo ranks; return the values by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -90,9 +88,7 @@ def run_ranks(
                 except queue.Empty:
                     dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in values]
                     if dead:
-                        raise RankFailed(
-                            f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
-                        ) from None
+                        raise RankFailed(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
                     continue
                 if status == "error":
                     raise RankFailed(f"rank {rank} of {world_size} raised:\n{payload}")

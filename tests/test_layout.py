@@ -29,12 +29,25 @@ TESTS = REPO / "tests"
 COMMANDS = ("train", "prepare", "plan", "export", "plot", "bench", "quickstart")
 # docs/architecture.md's layers: a package may import its own layer and the ones below
 LAYERS = {
-    "config": 0, "errors": 0, "log": 0,
-    "distributed": 1, "kernels": 1,
-    "tensor_parallel": 2, "optim": 2, "data": 2, "resilience": 2,
-    "model": 3, "zero": 3,
-    "pipeline": 4, "checkpoint": 4, "hf": 4, "metrics": 4, "planning": 4,
-    "training": 5, "benchmarks": 5, **{c: 5 for c in COMMANDS},
+    "config": 0,
+    "errors": 0,
+    "log": 0,
+    "distributed": 1,
+    "kernels": 1,
+    "tensor_parallel": 2,
+    "optim": 2,
+    "data": 2,
+    "resilience": 2,
+    "model": 3,
+    "zero": 3,
+    "pipeline": 4,
+    "checkpoint": 4,
+    "hf": 4,
+    "metrics": 4,
+    "planning": 4,
+    "training": 5,
+    "benchmarks": 5,
+    **{c: 5 for c in COMMANDS},
 }
 
 
@@ -51,8 +64,12 @@ def _imports(path: pathlib.Path) -> list[str]:
     """Absolute names of everything ``path`` imports (module level or inside functions), except under
     ``if TYPE_CHECKING:``; ``from a import b`` yields ``a.b`` (a module or a name in ``a``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for n in ast.walk(node)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
     names = []
     for node in ast.walk(tree):
@@ -71,8 +88,23 @@ def _imports(path: pathlib.Path) -> list[str]:
 
 def test_the_wheel_holds_engine_only(tmp_path):
     """Build the wheel as pip would (the C++ extension included) and list its top-level names."""
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
-                            "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = tmp_path.glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
@@ -84,15 +116,23 @@ def test_the_wheel_holds_engine_only(tmp_path):
 
 
 def test_nothing_imports_a_top_level_kernels_package():
-    offenders = [f"{p.relative_to(REPO)}: {name}" for p in _python_files(ENGINE, TESTS, REPO / "tools")
-                 for name in _imports(p) if name == "kernels" or name.startswith("kernels.")]
+    offenders = [
+        f"{p.relative_to(REPO)}: {name}"
+        for p in _python_files(ENGINE, TESTS, REPO / "tools")
+        for name in _imports(p)
+        if name == "kernels" or name.startswith("kernels.")
+    ]
     assert not offenders, offenders
 
 
 def test_no_folder_that_tools_skip():
     skipped = ("*.egg", ".*", "_darcs", "build", "CVS", "dist", "node_modules", "venv", "{arch}")
-    bad = [str(d.relative_to(REPO)) for root in (ENGINE, TESTS) for d in root.rglob("*")
-           if d.is_dir() and d.name != "__pycache__" and any(fnmatch.fnmatch(d.name, pat) for pat in skipped)]
+    bad = [
+        str(d.relative_to(REPO))
+        for root in (ENGINE, TESTS)
+        for d in root.rglob("*")
+        if d.is_dir() and d.name != "__pycache__" and any(fnmatch.fnmatch(d.name, pat) for pat in skipped)
+    ]
     assert not bad, f"folders pytest and packaging tools skip: {bad}"
 
 
@@ -157,16 +197,25 @@ def test_packages_import_only_their_layer_and_below():
     graph = _engine_graph()
     top = {name.split(".")[1] for name in graph if name.count(".")}
     assert top <= set(LAYERS), f"packages without a layer in docs/architecture.md: {sorted(top - set(LAYERS))}"
-    upward = [f"{m} -> {d}" for m, deps in graph.items() if m.count(".") for d in deps if d.count(".")
-              and LAYERS[d.split(".")[1]] > LAYERS[m.split(".")[1]]]
+    upward = [
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if m.count(".")
+        for d in deps
+        if d.count(".") and LAYERS[d.split(".")[1]] > LAYERS[m.split(".")[1]]
+    ]
     assert not upward, f"imports of a higher layer: {upward}"
 
 
 def test_kernels_import_torch_and_triton_only():
-    bad = [f"{p.relative_to(REPO)}: {name}" for p in _python_files(ENGINE / "kernels") for name in _imports(p)
-           if name.split(".")[0] not in ("torch", "triton", "__future__", "engine") and name.split(".")[0]
-           not in sys.stdlib_module_names
-           or (name.startswith("engine.") and not name.startswith("engine.kernels"))]
+    bad = [
+        f"{p.relative_to(REPO)}: {name}"
+        for p in _python_files(ENGINE / "kernels")
+        for name in _imports(p)
+        if name.split(".")[0] not in ("torch", "triton", "__future__", "engine")
+        and name.split(".")[0] not in sys.stdlib_module_names
+        or (name.startswith("engine.") and not name.startswith("engine.kernels"))
+    ]
     assert not bad, bad
 
 

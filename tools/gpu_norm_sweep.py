@@ -86,8 +86,9 @@ class Case:
         cfg = norm._bwd_config(self.rows, self.hidden, x2.device, self.launch)
         dw_part = torch.empty(cfg.programs, self.hidden, device=x2.device)
         db_part = torch.empty_like(dw_part) if self.b is not None else None
-        k = norm._launch_bwd(cfg, x2, self.dy, torch.empty_like(x2), w, mean, rstd, dw_part, db_part,
-                             self.op == "rms_norm")
+        k = norm._launch_bwd(
+            cfg, x2, self.dy, torch.empty_like(x2), w, mean, rstd, dw_part, db_part, self.op == "rms_norm"
+        )
         return f"{getattr(k, 'n_regs', '?')} | {getattr(k, 'n_spills', '?')}"
 
 
@@ -99,17 +100,21 @@ def row(case: Case, label: str, copy_gbs: float, fn, check: bool) -> tuple[tuple
         err = max(rel_err(g, e) for g, e in zip(case.grads(fn), case.expected))
         cfg = norm._bwd_config(case.rows, case.hidden, case.x.device, case.launch)
         fwd_cfg = norm._fwd_config(case.hidden, case.launch)
-        extra = (f"{fwd_cfg[0]} / {fwd_cfg[3]} | {cfg.block_m} | {cfg.num_warps} | {cfg.programs} | "
-                 f"{cfg.stages} | {cfg.maxnreg} | {case.bwd_kernel_resources()} | "
-                 f"{'ok' if err < 3e-2 else 'BAD'} {err:.1e}")
+        extra = (
+            f"{fwd_cfg[0]} / {fwd_cfg[3]} | {cfg.block_m} | {cfg.num_warps} | {cfg.programs} | "
+            f"{cfg.stages} | {cfg.maxnreg} | {case.bwd_kernel_resources()} | "
+            f"{'ok' if err < 3e-2 else 'BAD'} {err:.1e}"
+        )
     else:
         extra = " | ".join(["-"] * 9)
     cells = " | ".join(f"{g:.0f} ({100 * g / copy_gbs:.0f}%)" for g in gbs)
     return (fwd, bwd, both), f"| {label} | {cells} | {extra} |"
 
 
-HEADER = ("| setting | fwd GB/s (% copy) | bwd GB/s (% copy) | fwd+bwd GB/s (% copy) | fwd BLOCK_M / warps | "
-          "bwd BLOCK_M | warps | programs | stages | maxnreg | regs | spills | check |\n" + "|---" * 13 + "|")
+HEADER = (
+    "| setting | fwd GB/s (% copy) | bwd GB/s (% copy) | fwd+bwd GB/s (% copy) | fwd BLOCK_M / warps | "
+    "bwd BLOCK_M | warps | programs | stages | maxnreg | regs | spills | check |\n" + "|---" * 13 + "|"
+)
 
 
 def phase(case: Case, title: str, copy_gbs: float, base: dict, grid: dict, by: int = 1) -> dict:
@@ -150,12 +155,21 @@ def main() -> None:
         print(f"\n### {rows}x{hidden} bf16: torch copy {copy_gbs:.0f} GB/s")
         for op in args.ops.split(","):
             case = Case(rows, hidden, op)
-            best = phase(case, "A. backward tile x warps", copy_gbs, {},
-                         {"bwd_elems_per_thread": (8, 16, 32), "bwd_warps": (None, 4, 8, 16)})
-            best = phase(case, "B. backward programs/SM x stages", copy_gbs, best,
-                         {"partials_per_sm": (None, 1, 2, 4, 8), "bwd_stages": (1, 2, 3, 4)})
-            best = phase(case, "C. forward tile", copy_gbs, best,
-                         {"fwd_tile": (hidden, 2048, 4096, 8192, 16384)}, by=0)
+            best = phase(
+                case,
+                "A. backward tile x warps",
+                copy_gbs,
+                {},
+                {"bwd_elems_per_thread": (8, 16, 32), "bwd_warps": (None, 4, 8, 16)},
+            )
+            best = phase(
+                case,
+                "B. backward programs/SM x stages",
+                copy_gbs,
+                best,
+                {"partials_per_sm": (None, 1, 2, 4, 8), "bwd_stages": (1, 2, 3, 4)},
+            )
+            best = phase(case, "C. forward tile", copy_gbs, best, {"fwd_tile": (hidden, 2048, 4096, 8192, 16384)}, by=0)
             print(f"\nbest for {op} {rows}x{hidden} (A, B by backward time, C by forward): {best or 'the defaults'}")
 
 

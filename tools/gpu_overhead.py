@@ -41,18 +41,39 @@ def launch_table() -> None:
         def run():
             y = f()
             y.backward(torch.ones_like(y)) if y.dim() else y.backward()
+
         return run
 
     rows = [
-        ("layer_norm fwd (no grad)", lambda: kernels.layer_norm(x.detach(), w.detach(), b.detach()),
-         lambda: F.layer_norm(x.detach(), (256,), w.detach(), b.detach())),
+        (
+            "layer_norm fwd (no grad)",
+            lambda: kernels.layer_norm(x.detach(), w.detach(), b.detach()),
+            lambda: F.layer_norm(x.detach(), (256,), w.detach(), b.detach()),
+        ),
         ("layer_norm fwd+bwd", fb(lambda: kernels.layer_norm(x, w, b)), fb(lambda: F.layer_norm(x, (256,), w, b))),
-        ("attention fwd+bwd", fb(lambda: kernels.attention(q, q, q)),
-         fb(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))),
+        (
+            "attention fwd+bwd",
+            fb(lambda: kernels.attention(q, q, q)),
+            fb(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True)),
+        ),
         ("cross_entropy fwd+bwd", fb(lambda: kernels.cross_entropy(lg, tgt)), fb(lambda: F.cross_entropy(lg, tgt))),
-        ("adamw_ 1 pass", lambda: kernels.adamw_(p, p, p.clone(), p.clone(), lr=1e-3, beta1=0.9, beta2=0.95,
-                                                 eps=1e-8, weight_decay=0.0, step=1, check_finite=False),
-         lambda: p.clone()),
+        (
+            "adamw_ 1 pass",
+            lambda: kernels.adamw_(
+                p,
+                p,
+                p.clone(),
+                p.clone(),
+                lr=1e-3,
+                beta1=0.9,
+                beta2=0.95,
+                eps=1e-8,
+                weight_decay=0.0,
+                step=1,
+                check_finite=False,
+            ),
+            lambda: p.clone(),
+        ),
     ]
     print("| op (tiny, launch-bound) | Trident us/call | torch us/call |\n|---|---|---|")
     for name, ours, theirs in rows:
@@ -94,8 +115,10 @@ def step_breakdown(model: str, mb: int, kernels_on: bool, steps: int = 6) -> Non
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t_steps) / steps
     del wall0
-    print(f"| {model} mb{mb} kernels={kernels_on} | {t_fb / steps * 1e3:.1f} | {t_wait / steps * 1e3:.1f} | "
-          f"{t_opt / steps * 1e3:.1f} | {wall * 1e3:.1f} | {mb * 1024 / wall:,.0f} |")
+    print(
+        f"| {model} mb{mb} kernels={kernels_on} | {t_fb / steps * 1e3:.1f} | {t_wait / steps * 1e3:.1f} | "
+        f"{t_opt / steps * 1e3:.1f} | {wall * 1e3:.1f} | {mb * 1024 / wall:,.0f} |"
+    )
 
 
 def main() -> None:
@@ -104,8 +127,10 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, nargs="+", default=[8, 16])
     args = ap.parse_args()
     launch_table()
-    print("\n| run | fwd+bwd CPU enqueue ms | then GPU wait ms | optimizer step ms (synced) | train_step wall ms "
-          "| tokens/s |\n|---|---|---|---|---|---|")
+    print(
+        "\n| run | fwd+bwd CPU enqueue ms | then GPU wait ms | optimizer step ms (synced) | train_step wall ms "
+        "| tokens/s |\n|---|---|---|---|---|---|"
+    )
     for mb in args.micro_batch:
         for on in (True, False):
             step_breakdown(args.model, mb, on)

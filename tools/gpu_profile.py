@@ -33,8 +33,9 @@ def main() -> None:
     from engine.training.context import RunContext, pick_device
     from engine.training.trainer import Trainer
 
-    raw = bench_config(args.model, seq=args.seq, micro_batch=args.micro_batch, bf16=True, max_steps=100,
-                       log_dir="/tmp/trident-profile")
+    raw = bench_config(
+        args.model, seq=args.seq, micro_batch=args.micro_batch, bf16=True, max_steps=100, log_dir="/tmp/trident-profile"
+    )
     for item in args.set:
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)

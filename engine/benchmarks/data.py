@@ -189,9 +189,7 @@ def bench_index(*, tokens: float, seq_len: int, repeats: int) -> list[tuple]:
             warnings.simplefilter("ignore")
             from megatron.core.datasets import helpers_cpp
         theirs = helpers_cpp.build_sample_idx_int32(sizes, doc_idx, seq_len, 1, total, True, 1)
-        t_m = _best_of(
-            lambda: helpers_cpp.build_sample_idx_int32(sizes, doc_idx, seq_len, 1, total, True, 1), repeats
-        )
+        t_m = _best_of(lambda: helpers_cpp.build_sample_idx_int32(sizes, doc_idx, seq_len, 1, total, True, 1), repeats)
         same = ours is not None and np.array_equal(ours, theirs)
         rows.append(("pack samples, Megatron-LM helpers_cpp", f"{t_m * 1e3:.1f} ms", f"identical={same}", ""))
     except ImportError:
@@ -199,9 +197,7 @@ def bench_index(*, tokens: float, seq_len: int, repeats: int) -> list[tuple]:
     t_np = _best_of(lambda: index_reference.build_sample_idx_reference(sizes, doc_idx, seq_len, num), 1)
     rows.append(("pack samples, numpy reference", f"{t_np * 1e3:.1f} ms", "", ""))
     t_full = _best_of(
-        lambda: sample_index.compute_sample_index(
-            sizes, np.arange(n_docs), seq_len=seq_len, seed=1, num_samples=num
-        ),
+        lambda: sample_index.compute_sample_index(sizes, np.arange(n_docs), seq_len=seq_len, seed=1, num_samples=num),
         repeats,
     )
     rows.append(("full index (doc shuffle + pack + sample shuffle)", f"{t_full * 1e3:.1f} ms", "", ""))
@@ -229,9 +225,7 @@ def bench_loader(tmp: str, *, tokens: float, seq_len: int, seconds: float) -> li
     train.get_batch(np.arange(len(train)))  # warm the page cache
     rows = []
     for prefetch in (0, 2):
-        loader = StepLoader(
-            train, global_batch_size=64, micro_batch_size=8, dp_rank=0, dp_size=1, prefetch=prefetch
-        )
+        loader = StepLoader(train, global_batch_size=64, micro_batch_size=8, dp_rank=0, dp_size=1, prefetch=prefetch)
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds and loader.consumed_samples + 64 <= len(train):
             loader.next_step()
@@ -254,15 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--text-mb", type=float, default=8.0, help="MB of stdlib source to tokenize (default 8)")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument(
-        "--index-tokens", type=float, default=4e9, help="tokens for the index benchmark (default 4e9)"
-    )
+    p.add_argument("--index-tokens", type=float, default=4e9, help="tokens for the index benchmark (default 4e9)")
     p.add_argument("--loader-tokens", type=float, default=6e7)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument(
-        "--tokenize-repeats", type=int, default=2, help="best of N for each tokenize row (default 2)"
-    )
+    p.add_argument("--tokenize-repeats", type=int, default=2, help="best of N for each tokenize row (default 2)")
     p.add_argument("--skip", nargs="*", default=[], choices=("tokenize", "index", "loader"))
     args = p.parse_args(argv)
     if args.index_tokens < 1e6 or args.workers < 1 or args.tokenize_repeats < 1:

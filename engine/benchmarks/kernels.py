@@ -79,6 +79,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], dout):
     """One forward and backward of ``fn``; ``dout`` is the output's gradient (a tuple for tuple outputs;
     None: ones)."""
+
     def run() -> torch.Tensor:
         out = fn(*inputs)
         grad = torch.ones_like(out) if dout is None else dout
@@ -121,25 +122,40 @@ def fused_cases(dev: str, *, tokens: int) -> list[tuple]:
         return torch.cat((apply_rope(q_, cos, sin), apply_rope(k_, cos, sin), v_), 1)
 
     return [
-        (f"add + layer_norm fwd+bwd ({tokens}×1024)", "GB/s",
-         _fwd_bwd(lambda *a: kernels.add_layer_norm(*a), (xr, rr, w1, b1), d_pair),
-         _fwd_bwd(unfused_add_ln, (xr, rr, w1, b1), d_pair),
-         # fwd: read x, r, write sum, y; bwd: read sum, dy, dsum, write dx
-         8 * xr.numel() * xr.element_size()),
-        (f"bias + gelu fwd+bwd ({tokens}×4096)", "GB/s",
-         _fwd_bwd(kernels.bias_gelu, (h, hb), torch.randn_like(h)),
-         _fwd_bwd(lambda a, b_: F.gelu(a + b_, approximate="tanh"), (h, hb), torch.randn_like(h)),
-         5 * h.numel() * h.element_size()),  # fwd: read h, write y; bwd: read dy, h, write dh
-        (f"swiglu fwd+bwd ({tokens}×2·2816)", "GB/s",
-         _fwd_bwd(kernels.swiglu, (gu,), torch.randn(tokens, 2816, device=dev, dtype=bf16)),
-         _fwd_bwd(lambda t: F.silu(t[..., :2816]) * t[..., 2816:], (gu,),
-                  torch.randn(tokens, 2816, device=dev, dtype=bf16)),
-         # fwd: read 2F, write F; bwd: read F + 2F, write 2F
-         4 * gu.numel() * gu.element_size()),
-        (f"rope on packed qkv fwd+bwd ({seq}×{tokens // seq}×3·1024)", "GB/s",
-         _fwd_bwd(lambda t: kernels.rope_packed(t, cos, sin, 16, 16), (qkv,), torch.randn_like(qkv)),
-         _fwd_bwd(unfused_rope, (qkv,), torch.randn(tokens // seq, 48, seq, 64, device=dev, dtype=bf16)),
-         4 * qkv.numel() * qkv.element_size()),  # read + write, each way
+        (
+            f"add + layer_norm fwd+bwd ({tokens}×1024)",
+            "GB/s",
+            _fwd_bwd(lambda *a: kernels.add_layer_norm(*a), (xr, rr, w1, b1), d_pair),
+            _fwd_bwd(unfused_add_ln, (xr, rr, w1, b1), d_pair),
+            # fwd: read x, r, write sum, y; bwd: read sum, dy, dsum, write dx
+            8 * xr.numel() * xr.element_size(),
+        ),
+        (
+            f"bias + gelu fwd+bwd ({tokens}×4096)",
+            "GB/s",
+            _fwd_bwd(kernels.bias_gelu, (h, hb), torch.randn_like(h)),
+            _fwd_bwd(lambda a, b_: F.gelu(a + b_, approximate="tanh"), (h, hb), torch.randn_like(h)),
+            5 * h.numel() * h.element_size(),
+        ),  # fwd: read h, write y; bwd: read dy, h, write dh
+        (
+            f"swiglu fwd+bwd ({tokens}×2·2816)",
+            "GB/s",
+            _fwd_bwd(kernels.swiglu, (gu,), torch.randn(tokens, 2816, device=dev, dtype=bf16)),
+            _fwd_bwd(
+                lambda t: F.silu(t[..., :2816]) * t[..., 2816:],
+                (gu,),
+                torch.randn(tokens, 2816, device=dev, dtype=bf16),
+            ),
+            # fwd: read 2F, write F; bwd: read F + 2F, write 2F
+            4 * gu.numel() * gu.element_size(),
+        ),
+        (
+            f"rope on packed qkv fwd+bwd ({seq}×{tokens // seq}×3·1024)",
+            "GB/s",
+            _fwd_bwd(lambda t: kernels.rope_packed(t, cos, sin, 16, 16), (qkv,), torch.randn_like(qkv)),
+            _fwd_bwd(unfused_rope, (qkv,), torch.randn(tokens // seq, 48, seq, 64, device=dev, dtype=bf16)),
+            4 * qkv.numel() * qkv.element_size(),
+        ),  # read + write, each way
     ]
 
 
@@ -219,14 +235,21 @@ def _gpu_cases(small: bool) -> list[tuple]:
 
     def ours():
         step["n"] += 1
-        kernels.adamw_(
-            p, g, m, vv, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=step["n"]
-        )
+        kernels.adamw_(p, g, m, vv, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=step["n"])
 
     def ours_one_pass():
         step["n"] += 1
         kernels.adamw_(
-            p, g, m, vv, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01, step=step["n"],
+            p,
+            g,
+            m,
+            vv,
+            lr=1e-4,
+            beta1=0.9,
+            beta2=0.95,
+            eps=1e-8,
+            weight_decay=0.01,
+            step=step["n"],
             check_finite=False,
         )
 
@@ -259,10 +282,7 @@ def _run_gpu(small: bool) -> int:
 
     props = torch.cuda.get_device_properties(0)
     copy_gbs, peak_tflops = _device_peaks()
-    print(
-        f"device: {props.name}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"CUDA {torch.version.cuda}"
-    )
+    print(f"device: {props.name}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
     print(f"measured copy bandwidth: {copy_gbs:.0f} GB/s; measured bf16 matmul: {peak_tflops:.0f} TFLOP/s\n")
     rows, notes = [], []
     for name, unit, ours, theirs, work in _gpu_cases(small):
@@ -282,18 +302,36 @@ def _run_gpu(small: bool) -> int:
         else:
             try:
                 g_ours, g_torch = _graph_time(ours), _graph_time(theirs)
-                row += [f"{work / g_ours / scale:.1f} {unit}", f"{work / g_torch / scale:.1f} {unit}",
-                        f"{100 * work / g_ours / scale / peak:.0f}%"]
+                row += [
+                    f"{work / g_ours / scale:.1f} {unit}",
+                    f"{work / g_torch / scale:.1f} {unit}",
+                    f"{100 * work / g_ours / scale / peak:.0f}%",
+                ]
             except Exception as err:  # reported under the table, the eager figures stand
                 notes.append(f"{name}: CUDA-graph timing failed: {type(err).__name__}: {err}".splitlines()[0])
                 row += ["n/a", "n/a", "n/a"]
         if name.startswith("cross_entropy"):
             row[0] += f" (peak MiB: ours {_peak_memory(ours):.0f}, torch {_peak_memory(theirs):.0f})"
         rows.append(row)
-    print(_table(["kernel", "Triton", "torch", "speed-up", "of measured peak", "Triton (graphed)",
-                  "torch (graphed)", "graphed, of peak"], rows))
-    print("\ngraphed: 10 calls captured in one CUDA graph and replayed (GPU time only, no launch overhead: "
-          "what a step under train.cuda_graphs sees)")
+    print(
+        _table(
+            [
+                "kernel",
+                "Triton",
+                "torch",
+                "speed-up",
+                "of measured peak",
+                "Triton (graphed)",
+                "torch (graphed)",
+                "graphed, of peak",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\ngraphed: 10 calls captured in one CUDA graph and replayed (GPU time only, no launch overhead: "
+        "what a step under train.cuda_graphs sees)"
+    )
     for note in notes:
         print(note)
     return 0
@@ -305,9 +343,7 @@ def _run_cpu() -> int:
 
     print("no CUDA device: GPU figures (bandwidth, TFLOP/s, peak memory, ratios) are UNMEASURED.")
     if not interpreter_loaded():
-        print(
-            "triton was imported without TRITON_INTERPRET=1: only the reference could run; nothing to compare"
-        )
+        print("triton was imported without TRITON_INTERPRET=1: only the reference could run; nothing to compare")
         return 1
     print("CPU check at tiny sizes: Triton interpreter vs torch reference (timings are the interpreter's)\n")
     torch.manual_seed(0)
@@ -362,9 +398,7 @@ def _run_cpu() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m engine.bench kernels", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m engine.bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="smaller GPU sizes (quick check)")
     args = parser.parse_args(argv)
     if torch.cuda.is_available():

@@ -37,17 +37,24 @@ def _peak_mem(device: torch.device) -> int:
     return peak_memory_bytes(device)
 
 
-def bench_config(model: str, *, seq: int, micro_batch: int, bf16: bool, max_steps: int, log_dir: str,
-                 **train) -> dict:
+def bench_config(model: str, *, seq: int, micro_batch: int, bf16: bool, max_steps: int, log_dir: str, **train) -> dict:
     """The JSON config both sides of the MFU bench train (and tools/gpu_*.py profile): a GPT-2 preset on
     synthetic data, one micro-batch per step, AdamW, clipping at 1.0."""
     layers, d, heads = PRESETS[model]
     return {
-        "train_batch_size": micro_batch, "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.1}},
-        "gradient_clipping": 1.0, "bf16": {"enabled": bf16},
-        "model": {"arch": "gpt2", "n_layers": layers, "d_model": d, "n_heads": heads, "seq_len": seq,
-                  "vocab_size": 50304},
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": bf16},
+        "model": {
+            "arch": "gpt2",
+            "n_layers": layers,
+            "d_model": d,
+            "n_heads": heads,
+            "seq_len": seq,
+            "vocab_size": 50304,
+        },
         "data": {"synthetic": True},
         "train": {"max_steps": max_steps, "progress": False, "log_dir": log_dir, **train},
     }
@@ -81,8 +88,13 @@ def measure_baseline(raw: dict, *, steps: int, warmup: int, compile_model: bool)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = BaselineGPT(n_layers=m["n_layers"], d_model=m["d_model"], n_heads=m["n_heads"], seq_len=m["seq_len"],
-                        vocab_size=m["vocab_size"]).to(device)
+    model = BaselineGPT(
+        n_layers=m["n_layers"],
+        d_model=m["d_model"],
+        n_heads=m["n_heads"],
+        seq_len=m["seq_len"],
+        vocab_size=m["vocab_size"],
+    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_fn = torch.compile(model) if compile_model else model
     dtype = torch.bfloat16 if raw.get("bf16", {}).get("enabled") else torch.float32
@@ -124,9 +136,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--model: '{args.model}' is not one of {', '.join(PRESETS)}")
     layers, d, heads = PRESETS[args.model]
     cuda = torch.cuda.is_available()
-    raw = bench_config(args.model, seq=args.seq, micro_batch=args.micro_batch, bf16=cuda,
-                       max_steps=args.steps + args.warmup, log_dir="/tmp/trident-bench-mfu",
-                       peak_tflops=args.peak_tflops)
+    raw = bench_config(
+        args.model,
+        seq=args.seq,
+        micro_batch=args.micro_batch,
+        bf16=cuda,
+        max_steps=args.steps + args.warmup,
+        log_dir="/tmp/trident-bench-mfu",
+        peak_tflops=args.peak_tflops,
+    )
     from engine.config import parse_config
     from engine.metrics.flops import device_peak_tflops, flops_per_token
 
@@ -135,8 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fpt = flops_per_token(cfg.model)
     peak = args.peak_tflops or device_peak_tflops(torch.cuda.get_device_name() if cuda else None, cfg.dtype_name)
     device = torch.cuda.get_device_name() if cuda else "CPU (no CUDA device: GPU figures are unmeasured)"
-    print(f"device: {device}; torch {torch.__version__}; model {args.model} ({layers}x{d}, {heads} heads), "
-          f"seq {args.seq}, micro-batch {args.micro_batch}, {cfg.dtype_name}; peak {peak or 'unknown'} TFLOP/s")
+    print(
+        f"device: {device}; torch {torch.__version__}; model {args.model} ({layers}x{d}, {heads} heads), "
+        f"seq {args.seq}, micro-batch {args.micro_batch}, {cfg.dtype_name}; peak {peak or 'unknown'} TFLOP/s"
+    )
     rows = []
     if cuda and not args.no_graphs:
         graphed = {**raw, "train": {**raw["train"], "cuda_graphs": True}}
@@ -145,8 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows.append(("trident", *measure_trident(raw, steps=args.steps, warmup=args.warmup)))
     if not args.no_baseline:
         compile_ok = cuda and not args.no_compile and hasattr(torch, "compile")
-        rows.append((f"pytorch{' + compile' if compile_ok else ''}",
-                     *measure_baseline(raw, steps=args.steps, warmup=args.warmup, compile_model=compile_ok)))
+        rows.append(
+            (
+                f"pytorch{' + compile' if compile_ok else ''}",
+                *measure_baseline(raw, steps=args.steps, warmup=args.warmup, compile_model=compile_ok),
+            )
+        )
     print("| run | step s | tokens/s | TFLOP/s | MFU | peak memory GiB |")
     print("|---|---|---|---|---|---|")
     for name, step_s, mem in rows:

@@ -142,13 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     schedule = args.schedule or ("interleaved" if args.virtual > 1 else "1f1b")
-    streams = build_all(
-        schedule, stages=args.stages, microbatches=args.microbatches, virtual_stages=args.virtual
-    )
+    streams = build_all(schedule, stages=args.stages, microbatches=args.microbatches, virtual_stages=args.virtual)
     wait = "post" if args.blocking_p2p else "need"
-    result = simulate(
-        streams, virtual_stages=args.virtual, fwd_time=args.fwd_time, bwd_time=args.bwd_time, wait=wait
-    )
+    result = simulate(streams, virtual_stages=args.virtual, fwd_time=args.fwd_time, bwd_time=args.bwd_time, wait=wait)
     expected = formula(schedule, stages=args.stages, microbatches=args.microbatches, virtual=args.virtual)
     title = (
         f"{schedule}: p={args.stages}, m={args.microbatches}, v={args.virtual}, "
@@ -188,31 +184,54 @@ def measured_result(stage_traces: list[Trace], *, virtual: int) -> SimResult:
         for stage in compute
     ]
     busy = [sum((sp.end - sp.start for sp in stage), Fraction(0)) for stage in spans]
-    return SimResult(stages=len(spans), virtual_stages=virtual, spans=spans,
-                     makespan=max(stage[-1].end for stage in spans), busy=busy, peak_in_flight=[])
+    return SimResult(
+        stages=len(spans),
+        virtual_stages=virtual,
+        spans=spans,
+        makespan=max(stage[-1].end for stage in spans),
+        busy=busy,
+        peak_in_flight=[],
+    )
 
 
 def report_measurement(args, schedule: str, expected: Fraction) -> None:
-    opts = MeasureOptions(schedule=schedule, stages=args.stages, microbatches=args.microbatches,
-                          virtual=args.virtual, layers_per_chunk=args.layers_per_chunk, d_model=args.d_model,
-                          seq_len=args.seq_len, micro_batch=args.micro_batch, steps=args.steps,
-                          overlap_p2p=not args.blocking_p2p)
+    opts = MeasureOptions(
+        schedule=schedule,
+        stages=args.stages,
+        microbatches=args.microbatches,
+        virtual=args.virtual,
+        layers_per_chunk=args.layers_per_chunk,
+        d_model=args.d_model,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        steps=args.steps,
+        overlap_p2p=not args.blocking_p2p,
+    )
     traces = run_measurement(opts)
     per_step = [[traces[s][i] for s in range(args.stages)] for i in range(args.steps)]
     measures = [step_measure(step) for step in per_step]
     order = sorted(range(len(measures)), key=lambda i: measures[i].bubble)
     median = order[len(order) // 2]
     m = measures[median]
-    print(f"\nmeasured: {args.stages} gloo ranks, gpt2 {opts.layers_per_chunk} layers/chunk, d_model {opts.d_model}, "
-          f"seq {opts.seq_len}, micro-batch {opts.micro_batch}; median of {args.steps} steps (ms):")
+    print(
+        f"\nmeasured: {args.stages} gloo ranks, gpt2 {opts.layers_per_chunk} layers/chunk, d_model {opts.d_model}, "
+        f"seq {opts.seq_len}, micro-batch {opts.micro_batch}; median of {args.steps} steps (ms):"
+    )
     print("\n".join(render_text(measured_result(per_step[median], virtual=args.virtual))))
     sim = simulate(
         build_all(schedule, stages=args.stages, microbatches=args.microbatches, virtual_stages=args.virtual),
-        virtual_stages=args.virtual, fwd_time=_fraction(m.fwd_time * args.virtual),
-        bwd_time=_fraction((m.bwd_time + m.wgrad_time) * args.virtual), wait="post" if args.blocking_p2p else "need",
-        wgrad_share=_fraction(m.wgrad_time / (m.bwd_time + m.wgrad_time)))
+        virtual_stages=args.virtual,
+        fwd_time=_fraction(m.fwd_time * args.virtual),
+        bwd_time=_fraction((m.bwd_time + m.wgrad_time) * args.virtual),
+        wait="post" if args.blocking_p2p else "need",
+        wgrad_share=_fraction(m.wgrad_time / (m.bwd_time + m.wgrad_time)),
+    )
     split = f", weight gradients {m.wgrad_time * 1e3:.2f} ms" if m.wgrad_time else ""
-    print(f"measured forward {m.fwd_time * 1e3:.2f} ms, backward {m.bwd_time * 1e3:.2f} ms{split} per chunk; "
-          f"step {m.makespan * 1e3:.1f} ms")
-    print(f"measured idle fraction: {m.bubble:.4f} (steps: {', '.join(f'{x.bubble:.3f}' for x in measures)})   "
-          f"simulated at these op times: {float(sim.bubble):.4f}   formula: {expected} = {float(expected):.4f}")
+    print(
+        f"measured forward {m.fwd_time * 1e3:.2f} ms, backward {m.bwd_time * 1e3:.2f} ms{split} per chunk; "
+        f"step {m.makespan * 1e3:.1f} ms"
+    )
+    print(
+        f"measured idle fraction: {m.bubble:.4f} (steps: {', '.join(f'{x.bubble:.3f}' for x in measures)})   "
+        f"simulated at these op times: {float(sim.bubble):.4f}   formula: {expected} = {float(expected):.4f}"
+    )

@@ -40,16 +40,24 @@ class MeasureOptions:
 def _config(opts: MeasureOptions):
     from engine.config import parse_config  # noqa: PLC0415 - imported in the spawned ranks
 
-    return parse_config({
-        "train_micro_batch_size_per_gpu": opts.micro_batch,
-        "gradient_accumulation_steps": opts.microbatches,
-        "model": {"arch": "gpt2", "n_layers": opts.layers_per_chunk * opts.stages * opts.virtual,
-                  "d_model": opts.d_model, "n_heads": max(1, opts.d_model // 32), "seq_len": opts.seq_len,
-                  "vocab_size": 512},
-        "parallel": {"pipeline": opts.stages, "pipeline_schedule": opts.schedule, "virtual_stages": opts.virtual},
-        "data": {"synthetic": True},
-        "train": {"device": "cpu"},
-    }, source="pipeline --measure")
+    return parse_config(
+        {
+            "train_micro_batch_size_per_gpu": opts.micro_batch,
+            "gradient_accumulation_steps": opts.microbatches,
+            "model": {
+                "arch": "gpt2",
+                "n_layers": opts.layers_per_chunk * opts.stages * opts.virtual,
+                "d_model": opts.d_model,
+                "n_heads": max(1, opts.d_model // 32),
+                "seq_len": opts.seq_len,
+                "vocab_size": 512,
+            },
+            "parallel": {"pipeline": opts.stages, "pipeline_schedule": opts.schedule, "virtual_stages": opts.virtual},
+            "data": {"synthetic": True},
+            "train": {"device": "cpu"},
+        },
+        source="pipeline --measure",
+    )
 
 
 def _steps(rank: int, world: int, opts: MeasureOptions) -> list[Trace]:
@@ -65,8 +73,10 @@ def _steps(rank: int, world: int, opts: MeasureOptions) -> list[Trace]:
     model = build_stage_model(cfg, ctx)
     runner = PipelineExecutor(cfg, ctx, model, overlap_p2p=opts.overlap_p2p, schedule=opts.schedule)
     gen = torch.Generator().manual_seed(0)
-    tokens = [torch.randint(0, cfg.model.vocab_size, (opts.micro_batch, opts.seq_len + 1), generator=gen)
-              for _ in range(opts.microbatches)]
+    tokens = [
+        torch.randint(0, cfg.model.vocab_size, (opts.micro_batch, opts.seq_len + 1), generator=gen)
+        for _ in range(opts.microbatches)
+    ]
     batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
     traces = []
     for step in range(opts.warmup + opts.steps):
@@ -85,8 +95,13 @@ def _worker(rank: int, world: int, opts: MeasureOptions, init_file: str, results
         import torch.distributed as dist  # noqa: PLC0415
 
         torch.set_num_threads(1)  # one core's worth per stage, like one device each
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=300))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=300),
+        )
         try:
             results.put((rank, "ok", _steps(rank, world, opts)))
         finally:
@@ -102,8 +117,10 @@ def run_measurement(opts: MeasureOptions, *, timeout_s: float = 600) -> list[lis
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="trident-pp-measure-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, args=(r, opts.stages, opts, init_file, results), daemon=True)
-                 for r in range(opts.stages)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, opts.stages, opts, init_file, results), daemon=True)
+            for r in range(opts.stages)
+        ]
         for proc in procs:
             proc.start()
         traces: dict[int, list[Trace]] = {}
@@ -152,6 +169,10 @@ def step_measure(stage_traces: list[Trace]) -> StepMeasure:
     fwd = [e - s for spans in compute for k, _, _, s, e in spans if k == "F"]
     bwd = [e - s for spans in compute for k, _, _, s, e in spans if k == "B"]
     wgrad = [e - s for spans in compute for k, _, _, s, e in spans if k == "W"]
-    return StepMeasure(makespan=end - start, busy=[sum(e - s for *_, s, e in spans) for spans in compute],
-                       fwd_time=sum(fwd) / len(fwd), bwd_time=sum(bwd) / len(bwd),
-                       wgrad_time=sum(wgrad) / len(wgrad) if wgrad else 0.0)
+    return StepMeasure(
+        makespan=end - start,
+        busy=[sum(e - s for *_, s, e in spans) for spans in compute],
+        fwd_time=sum(fwd) / len(fwd),
+        bwd_time=sum(bwd) / len(bwd),
+        wgrad_time=sum(wgrad) / len(wgrad) if wgrad else 0.0,
+    )

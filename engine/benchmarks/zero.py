@@ -29,15 +29,24 @@ LR, WD, BETAS, EPS, CLIP = 1e-3, 0.1, (0.9, 0.95), 1e-8, 1.0
 
 
 def _raw_config(args, stage: int, world: int, log_dir: str) -> dict:
-    return {"train_batch_size": args.micro_batch * world, "train_micro_batch_size_per_gpu": args.micro_batch,
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
-                                                      "weight_decay": WD}},
-            "gradient_clipping": CLIP, "zero_optimization": {"stage": stage, "overlap_comm": True,
-                                                             "stage3_param_persistence_threshold": 0},
-            "model": {"arch": "gpt2", "n_layers": args.layers, "d_model": args.d_model, "n_heads": 4,
-                      "seq_len": args.seq_len, "vocab_size": args.vocab, "dropout": 0.0},
-            "data": {"synthetic": True}, "train": {"max_steps": args.steps, "log_dir": log_dir, "progress": False,
-                                                   "device": args.device}}
+    return {
+        "train_batch_size": args.micro_batch * world,
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD}},
+        "gradient_clipping": CLIP,
+        "zero_optimization": {"stage": stage, "overlap_comm": True, "stage3_param_persistence_threshold": 0},
+        "model": {
+            "arch": "gpt2",
+            "n_layers": args.layers,
+            "d_model": args.d_model,
+            "n_heads": 4,
+            "seq_len": args.seq_len,
+            "vocab_size": args.vocab,
+            "dropout": 0.0,
+        },
+        "data": {"synthetic": True},
+        "train": {"max_steps": args.steps, "log_dir": log_dir, "progress": False, "device": args.device},
+    }
 
 
 def _batch(args, step: int, rank: int):
@@ -88,13 +97,25 @@ def _run_deepspeed(cfg, raw: dict, rank: int, world: int, args) -> dict:
 
     model = Scaled()
     decay, no_decay = split_decay(list(model.gpt.named_parameters()))
-    opt = torch.optim.AdamW([{"params": [p for _, p in decay], "weight_decay": WD},
-                             {"params": [p for _, p in no_decay], "weight_decay": 0.0}],
-                            lr=LR, betas=BETAS, eps=EPS)
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for _, p in decay], "weight_decay": WD},
+            {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+        ],
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+    )
     ds_cfg = {k: raw[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping")}
-    ds_cfg.update(zero_optimization={"stage": raw["zero_optimization"]["stage"], "overlap_comm": True,
-                                     "stage3_param_persistence_threshold": 0},
-                  zero_allow_untested_optimizer=True, steps_per_print=10**9)
+    ds_cfg.update(
+        zero_optimization={
+            "stage": raw["zero_optimization"]["stage"],
+            "overlap_comm": True,
+            "stage3_param_persistence_threshold": 0,
+        },
+        zero_allow_untested_optimizer=True,
+        steps_per_print=10**9,
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     n_tokens = float(args.micro_batch * args.seq_len * world)
     losses, times = [], []
@@ -120,16 +141,19 @@ def _worker(which: str, stage: int, rank: int, world: int, args, init_file: str,
     from engine.config import parse_config
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     backend = "nccl" if args.device == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
+    )
     try:
         raw = _raw_config(args, stage, world, tempfile.mkdtemp(prefix="trident-bench-"))
         cfg = parse_config(raw)
-        res = _run_trident(cfg, rank, world, args) if which == "trident" else _run_deepspeed(cfg, raw, rank, world,
-                                                                                          args)
+        res = (
+            _run_trident(cfg, rank, world, args) if which == "trident" else _run_deepspeed(cfg, raw, rank, world, args)
+        )
         res["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out.put((rank, res))
     finally:
@@ -141,8 +165,12 @@ def _spawn(which: str, stage: int, args) -> list[dict]:
     out = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="trident-rdzv-") as tmp:
         port = 29500 + (os.getpid() + stage * 7 + (which == "deepspeed")) % 1000
-        procs = [ctx.Process(target=_worker, args=(which, stage, r, args.world_size, args, os.path.join(tmp, "rdzv"),
-                                                   port, out)) for r in range(args.world_size)]
+        procs = [
+            ctx.Process(
+                target=_worker, args=(which, stage, r, args.world_size, args, os.path.join(tmp, "rdzv"), port, out)
+            )
+            for r in range(args.world_size)
+        ]
         for p in procs:
             p.start()
         results = dict(out.get(timeout=900) for _ in procs)
@@ -162,9 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="DeepSpeed/Trident run pairs per stage, alternated so that drift in the machine's speed "
-                         "hits both sides; the ratio reported is the median of the pairs' ratios")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="DeepSpeed/Trident run pairs per stage, alternated so that drift in the machine's speed "
+        "hits both sides; the ratio reported is the median of the pairs' ratios",
+    )
     args = ap.parse_args(argv)
     try:
         stages = [int(s) for s in args.stages.split(",")]
@@ -176,8 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--world-size must be >= 1 and --steps >= 3 (2 warmup steps are not timed)")
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
-    print(f"GPT {args.layers} layers x d_model {args.d_model}, seq {args.seq_len}, micro-batch {args.micro_batch}, "
-          f"fp32, {args.world_size} {args.device} ranks, {args.steps} steps")
+    print(
+        f"GPT {args.layers} layers x d_model {args.d_model}, seq {args.seq_len}, micro-batch {args.micro_batch}, "
+        f"fp32, {args.world_size} {args.device} ranks, {args.steps} steps"
+    )
     for stage in stages:
         pairs = [(_spawn("deepspeed", stage, args), _spawn("trident", stage, args)) for _ in range(args.repeats)]
         ds, tr = pairs[0]
@@ -190,11 +224,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, (a, b) in enumerate(zip(ds[0]["losses"], tr[0]["losses"]), start=1):
             print(f"  {i:4d}  {a:.7f}       {b:.7f}")
         print(f"  max relative loss difference {rel:.2e} (target <= 1e-3)")
-        print(f"  step time   deepspeed {t_ds * 1e3:.1f} ms  trident {t_tr * 1e3:.1f} ms  ratio "
-              f"{statistics.median(ratios):.2f} (target <= 0.80; median of {len(ratios)} alternated pairs: "
-              f"{' '.join(f'{r:.2f}' for r in ratios)})")
+        print(
+            f"  step time   deepspeed {t_ds * 1e3:.1f} ms  trident {t_tr * 1e3:.1f} ms  ratio "
+            f"{statistics.median(ratios):.2f} (target <= 0.80; median of {len(ratios)} alternated pairs: "
+            f"{' '.join(f'{r:.2f}' for r in ratios)})"
+        )
         for r in range(args.world_size):
             m_ds, m_tr = ds[r]["maxrss_bytes"], tr[r]["maxrss_bytes"]
-            print(f"  rank {r} peak RSS  deepspeed {m_ds / 2**20:.0f} MiB  trident {m_tr / 2**20:.0f} MiB  "
-                  f"ratio {m_tr / m_ds:.2f}; trident model states {sum(tr[r]['state_bytes'].values()) / 2**20:.2f} MiB")
+            print(
+                f"  rank {r} peak RSS  deepspeed {m_ds / 2**20:.0f} MiB  trident {m_tr / 2**20:.0f} MiB  "
+                f"ratio {m_tr / m_ds:.2f}; trident model states {sum(tr[r]['state_bytes'].values()) / 2**20:.2f} MiB"
+            )
     return 0

@@ -64,8 +64,9 @@ class AsyncCheckpointWriter:
         # A daemon: a process that dies or exits before the commit must not hang on it (the tmp directory is
         # then simply never committed). The thread drops its args when the write returns.
         pending = _Pending(step, tmp, snapshot_s)
-        pending.thread = threading.Thread(target=self._write, args=(pending, snapshot), daemon=True,
-                                          name=f"trident-ckpt-writer-rank{self.rank}")
+        pending.thread = threading.Thread(
+            target=self._write, args=(pending, snapshot), daemon=True, name=f"trident-ckpt-writer-rank{self.rank}"
+        )
         self._pending = pending
         pending.thread.start()
 
@@ -85,5 +86,11 @@ class AsyncCheckpointWriter:
             return None
         pending.thread.join()
         self._pending = None
-        return WriteResult(step=pending.step, tmp=pending.tmp, snapshot_s=pending.snapshot_s,
-                           write_s=pending.write_s, waited_s=time.perf_counter() - t0, error=pending.error)
+        return WriteResult(
+            step=pending.step,
+            tmp=pending.tmp,
+            snapshot_s=pending.snapshot_s,
+            write_s=pending.write_s,
+            waited_s=time.perf_counter() - t0,
+            error=pending.error,
+        )

@@ -13,10 +13,14 @@ def load_model_state(model: nn.Module, state: dict, *, path: str) -> None:
     extra = [k for k in state if k not in own]
     if missing or extra:
         what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise CheckpointError(f"{path}: checkpoint does not fit this model ({what})",
-                              hint="same model config and parallel layout as the run that saved it")
+        raise CheckpointError(
+            f"{path}: checkpoint does not fit this model ({what})",
+            hint="same model config and parallel layout as the run that saved it",
+        )
     for key, tensor in own.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(state[key].shape)} in the checkpoint, "
-                                  f"{tuple(tensor.shape)} in this model")
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {tuple(state[key].shape)} in the checkpoint, "
+                f"{tuple(tensor.shape)} in this model"
+            )
     model.load_state_dict(state)

@@ -56,8 +56,10 @@ def resolve_checkpoint(path: str) -> str:
         return path
     if os.path.isdir(path) and store.has_checkpoint(path):
         return store.latest_checkpoint(path)
-    raise CheckpointError(f"{path}: not a checkpoint (no manifest.json) nor a save_dir holding one",
-                          hint="pass train.save_dir or one of its step_XXXXXXXX directories")
+    raise CheckpointError(
+        f"{path}: not a checkpoint (no manifest.json) nor a save_dir holding one",
+        hint="pass train.save_dir or one of its step_XXXXXXXX directories",
+    )
 
 
 def _plain(value):
@@ -88,7 +90,7 @@ def _fp32_masters(shard: dict) -> Tensors:
             if name not in model:
                 return {}
             n = model[name].numel()
-            out[name] = g["master"][offset:offset + n].view_as(model[name])
+            out[name] = g["master"][offset : offset + n].view_as(model[name])
             offset += n
     return out
 

@@ -39,8 +39,14 @@ class CheckpointManager:
     def layout(self) -> dict:
         """What a checkpoint records of the layout that wrote it (resharding compares these)."""
         par = self.cfg.parallel
-        return {"dp": self.ctx.dp_size, "world_size": self.ctx.world_size, "tp": par.tensor, "pp": par.pipeline,
-                "virtual_stages": par.virtual_stages, "zero_stage": self.cfg.zero_optimization.stage}
+        return {
+            "dp": self.ctx.dp_size,
+            "world_size": self.ctx.world_size,
+            "tp": par.tensor,
+            "pp": par.pipeline,
+            "virtual_stages": par.virtual_stages,
+            "zero_stage": self.cfg.zero_optimization.stage,
+        }
 
     # ------------------------------------------------------------------ start
 
@@ -60,8 +66,10 @@ class CheckpointManager:
                 raise ConfigError("train.save_dir: resuming needs a checkpoint directory")
             return store.latest_checkpoint(self.save_dir, warn=self.log.warning)
         if exists and not resume:
-            raise ConfigError(f"train.save_dir: {self.save_dir} already holds checkpoints",
-                              hint="pass --resume to continue from them, or --fresh to start over")
+            raise ConfigError(
+                f"train.save_dir: {self.save_dir} already holds checkpoints",
+                hint="pass --resume to continue from them, or --fresh to start over",
+            )
         return None
 
     # ------------------------------------------------------------------ save
@@ -73,9 +81,16 @@ class CheckpointManager:
         rollback do)."""
         t0 = time.perf_counter()
         if self.writer is None:
-            path = store.save_checkpoint(self.save_dir, step, state_dict(), rank=self.ctx.rank,
-                                         world_size=self.ctx.world_size, layout=self.layout(),
-                                         keep_last=self.cfg.train.keep_last, barrier=self.ctx.barrier)
+            path = store.save_checkpoint(
+                self.save_dir,
+                step,
+                state_dict(),
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                layout=self.layout(),
+                keep_last=self.cfg.train.keep_last,
+                barrier=self.ctx.barrier,
+            )
             self.log.info(f"saved checkpoint {path} (written in {time.perf_counter() - t0:.2f} s)")
             self._after_commit(path)
             return path
@@ -99,13 +114,23 @@ class CheckpointManager:
             raise result.error
         final = os.path.join(self.save_dir, store.step_dir_name(result.step))
         if not ok:
-            raise CheckpointError(f"{final}: another rank failed writing its shard (its error names the file); "
-                                  "checkpoint not committed")
-        path = store.commit_save(self.save_dir, result.step, rank=self.ctx.rank, world_size=self.ctx.world_size,
-                                 layout=self.layout(), keep_last=self.cfg.train.keep_last, barrier=self.ctx.barrier)
+            raise CheckpointError(
+                f"{final}: another rank failed writing its shard (its error names the file); checkpoint not committed"
+            )
+        path = store.commit_save(
+            self.save_dir,
+            result.step,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            layout=self.layout(),
+            keep_last=self.cfg.train.keep_last,
+            barrier=self.ctx.barrier,
+        )
         waited = f"; waited {result.waited_s:.2f} s for the writer" if result.waited_s >= 0.01 else ""
-        self.log.info(f"saved checkpoint {path} (snapshot {result.snapshot_s:.2f} s, written in background in "
-                      f"{result.write_s:.2f} s{waited})")
+        self.log.info(
+            f"saved checkpoint {path} (snapshot {result.snapshot_s:.2f} s, written in background in "
+            f"{result.write_s:.2f} s{waited})"
+        )
         self._after_commit(path)
         return path
 
@@ -123,8 +148,10 @@ class CheckpointManager:
                 self.log.warning(f"checkpoint of step {step} not committed: {err}")
             return
         self.writer.wait()  # local file I/O only: it finishes, and nothing writes behind a later save's back
-        self.log.warning(f"checkpoint of step {step} left uncommitted after the error (needs every rank); "
-                         "latest stays at the previous checkpoint")
+        self.log.warning(
+            f"checkpoint of step {step} left uncommitted after the error (needs every rank); "
+            "latest stays at the previous checkpoint"
+        )
 
     def _after_commit(self, path: str) -> None:
         """DeepSpeed's ``stage3_gather_16bit_weights_on_model_save``: beside a committed ZeRO-3 checkpoint,

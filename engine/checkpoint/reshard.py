@@ -51,8 +51,14 @@ class SavedLayout:
 
 def layout_key(layout: dict) -> tuple:
     """What must be equal for the per-rank fast path (rank r reads shard r and nothing else)."""
-    return (layout.get("world_size"), layout.get("dp"), layout.get("tp"), layout.get("pp"),
-            layout.get("virtual_stages", 1), layout.get("zero_stage"))
+    return (
+        layout.get("world_size"),
+        layout.get("dp"),
+        layout.get("tp"),
+        layout.get("pp"),
+        layout.get("virtual_stages", 1),
+        layout.get("zero_stage"),
+    )
 
 
 def saved_layout(manifest: dict, shard0: dict, path: str) -> SavedLayout:
@@ -61,18 +67,22 @@ def saved_layout(manifest: dict, shard0: dict, path: str) -> SavedLayout:
     raw = saved_config(shard0, path)
     par = raw.get("parallel", {})
     lay = manifest["layout"]
-    return SavedLayout(world=int(manifest["world_size"]), dp=int(lay["dp"]), tp=int(par.get("tensor", 1)),
-                       pp=int(par.get("pipeline", 1)), virtual=int(par.get("virtual_stages", 1)),
-                       zero_stage=int(lay.get("zero_stage", raw.get("zero_optimization", {}).get("stage", 0))),
-                       model=model_config(raw))
+    return SavedLayout(
+        world=int(manifest["world_size"]),
+        dp=int(lay["dp"]),
+        tp=int(par.get("tensor", 1)),
+        pp=int(par.get("pipeline", 1)),
+        virtual=int(par.get("virtual_stages", 1)),
+        zero_stage=int(lay.get("zero_stage", raw.get("zero_optimization", {}).get("stage", 0))),
+        model=model_config(raw),
+    )
 
 
 def stage_chunks(n_layers: int, *, pp: int, virtual: int, pp_rank: int):
     from engine.pipeline.partition import partition_layers
     from engine.pipeline.stage_model import PARTITION_METHOD
 
-    return partition_layers(n_layers, stages=pp, virtual_stages=virtual,
-                            method=PARTITION_METHOD).chunks_of(pp_rank)
+    return partition_layers(n_layers, stages=pp, virtual_stages=virtual, method=PARTITION_METHOD).chunks_of(pp_rank)
 
 
 def global_name(name: str, chunks) -> tuple[str, bool]:
@@ -115,8 +125,10 @@ def _decode_position(shards: list[dict], path: str) -> tuple[dict[str, dict[str,
     if "groups" in opt:  # plain data parallelism: every DP rank holds the whole buffer
         buffers = [(g, {k: g[k] for k in KEYS}) for g in opt["groups"]]
     elif "buckets" in opt:  # ZeRO: a bucket is the concatenation of its DP shards
-        buffers = [(b, {k: torch.cat([s["optimizer"]["buckets"][j][k] for s in shards]) for k in KEYS})
-                   for j, b in enumerate(opt["buckets"])]
+        buffers = [
+            (b, {k: torch.cat([s["optimizer"]["buckets"][j][k] for s in shards]) for k in KEYS})
+            for j, b in enumerate(opt["buckets"])
+        ]
     else:
         raise CheckpointError(f"{path}: optimizer state of an unknown kind (keys {sorted(opt)})")
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -125,7 +137,7 @@ def _decode_position(shards: list[dict], path: str) -> tuple[dict[str, dict[str,
         lay = _buffer_layout(buf, model_state, path)
         for i, (name, shape, off) in enumerate(zip(lay["names"], lay["shapes"], lay["offsets"])):
             n = int(torch.Size(shape).numel())
-            out[name] = {k: flats[k][off:off + n].reshape(shape).clone() for k in KEYS}
+            out[name] = {k: flats[k][off : off + n].reshape(shape).clone() for k in KEYS}
             if lay.get("tp") is not None:
                 tp_split[name] = lay["tp"][i]
     return out, tp_split
@@ -145,8 +157,10 @@ def read_logical_state(path: str) -> tuple[Logical, SavedLayout, dict]:
     logical: Logical = {}
     for stage in range(old.pp):
         chunks = stage_chunks(old.model.n_layers, pp=old.pp, virtual=old.virtual, pp_rank=stage)
-        per_tp = [_decode_position([shards[topo.rank(dp=d, pp=stage, tp=t)] for d in range(old.dp)], path)
-                  for t in range(old.tp)]
+        per_tp = [
+            _decode_position([shards[topo.rank(dp=d, pp=stage, tp=t)] for d in range(old.dp)], path)
+            for t in range(old.tp)
+        ]
         for name in per_tp[0][0]:
             gname, tied_copy = global_name(name, chunks)
             if tied_copy:
@@ -157,13 +171,17 @@ def read_logical_state(path: str) -> tuple[Logical, SavedLayout, dict]:
             entry = {}
             for k in KEYS:
                 pieces = [per_tp[t][0][name][k] for t in range(old.tp)]
-                full = pieces[0] if split is None or old.tp == 1 else unshard_blocks(
-                    pieces, dim=split[0], sizes=tuple(split[1]))
+                full = (
+                    pieces[0]
+                    if split is None or old.tp == 1
+                    else unshard_blocks(pieces, dim=split[0], sizes=tuple(split[1]))
+                )
                 if gname in VOCAB_NAMES:
                     if full.shape[0] != padded_vocab_size(old.model.vocab_size, old.tp):
-                        raise CheckpointError(f"{path}: tensor {gname} has {full.shape[0]} rows, not the padded "
-                                              f"vocabulary of its config")
-                    full = full[:old.model.vocab_size]
+                        raise CheckpointError(
+                            f"{path}: tensor {gname} has {full.shape[0]} rows, not the padded vocabulary of its config"
+                        )
+                    full = full[: old.model.vocab_size]
                 entry[k] = full.contiguous()
             logical[gname] = entry
     return logical, old, shards[0]
@@ -172,8 +190,7 @@ def read_logical_state(path: str) -> tuple[Logical, SavedLayout, dict]:
 # ---------------------------------------------------------------------------------------------- fill
 
 
-def _fit(full: torch.Tensor, gname: str, shape: tuple, split, *, tp_rank: int, tp_size: int, path: str
-         ) -> torch.Tensor:
+def _fit(full: torch.Tensor, gname: str, shape: tuple, split, *, tp_rank: int, tp_size: int, path: str) -> torch.Tensor:
     from engine.tensor_parallel.init import shard_blocks
 
     want = list(shape)
@@ -181,42 +198,56 @@ def _fit(full: torch.Tensor, gname: str, shape: tuple, split, *, tp_rank: int, t
         want[split[0]] = sum(split[1])
     if gname in VOCAB_NAMES and full.dim() == 2 and full.shape[0] <= want[0] and full.shape[1:] == tuple(want[1:]):
         if want[0] - full.shape[0] >= max(tp_size, 1):  # more than this run's padding: another vocabulary
-            raise CheckpointError(f"{path}: tensor {gname} has shape {tuple(full.shape)} in the checkpoint, "
-                                  f"another vocabulary than this model's {tuple(want)} (padded)")
+            raise CheckpointError(
+                f"{path}: tensor {gname} has shape {tuple(full.shape)} in the checkpoint, "
+                f"another vocabulary than this model's {tuple(want)} (padded)"
+            )
         full = torch.cat([full, full.new_zeros(want[0] - full.shape[0], *full.shape[1:])])
     if tuple(full.shape) != tuple(want):
-        raise CheckpointError(f"{path}: tensor {gname} has shape {tuple(full.shape)} in the checkpoint, "
-                              f"{tuple(want)} in this model", hint="the checkpoint is of another model")
+        raise CheckpointError(
+            f"{path}: tensor {gname} has shape {tuple(full.shape)} in the checkpoint, {tuple(want)} in this model",
+            hint="the checkpoint is of another model",
+        )
     if split is None or tp_size == 1:
         return full
     return shard_blocks(full, dim=split[0], sizes=tuple(split[1]), rank=tp_rank, world=tp_size)
 
 
-def localize(logical: Logical, layouts: list[dict], chunks, *, tp_rank: int, tp_size: int, path: str
-             ) -> dict[str, dict[str, torch.Tensor]]:
+def localize(
+    logical: Logical, layouts: list[dict], chunks, *, tp_rank: int, tp_size: int, path: str
+) -> dict[str, dict[str, torch.Tensor]]:
     """This rank's per-parameter tensors (local names and shapes) for the optimizer's ``load_logical``."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for lay in layouts:
         for name, shape, split in zip(lay["names"], lay["shapes"], lay["tp"]):
             gname, _ = global_name(name, chunks)
             if gname not in logical:
-                raise CheckpointError(f"{path}: checkpoint does not fit this model (missing {gname})",
-                                      hint="the checkpoint is of another model")
-            out[name] = {k: _fit(logical[gname][k], gname, tuple(shape), split, tp_rank=tp_rank,
-                                 tp_size=tp_size, path=path) for k in KEYS}
+                raise CheckpointError(
+                    f"{path}: checkpoint does not fit this model (missing {gname})",
+                    hint="the checkpoint is of another model",
+                )
+            out[name] = {
+                k: _fit(logical[gname][k], gname, tuple(shape), split, tp_rank=tp_rank, tp_size=tp_size, path=path)
+                for k in KEYS
+            }
     return out
 
 
 def check_unexpected(logical: Logical, model_cfg, *, path: str) -> None:
     """Refuse tensors this model has no place for (more layers, an untied head, ...), naming the first."""
-    outer = {"embed", "final_norm"} | ({"pos_embed"} if model_cfg.pos == "learned" else set()) | (
-        set() if model_cfg.tie_embeddings else {"head"})
+    outer = (
+        {"embed", "final_norm"}
+        | ({"pos_embed"} if model_cfg.pos == "learned" else set())
+        | (set() if model_cfg.tie_embeddings else {"head"})
+    )
     for gname in sorted(logical):
         m = _LAYER.match(gname)
         extra_layer = m is not None and int(m.group(2)) >= model_cfg.n_layers
         if extra_layer or (m is None and gname.split(".")[0] not in outer):
-            raise CheckpointError(f"{path}: checkpoint does not fit this model (unexpected {gname})",
-                                  hint="the checkpoint is of another model")
+            raise CheckpointError(
+                f"{path}: checkpoint does not fit this model (unexpected {gname})",
+                hint="the checkpoint is of another model",
+            )
 
 
 def load_resharded(path: str, *, cfg, ctx, optimizer) -> dict:
@@ -233,9 +264,9 @@ def load_resharded(path: str, *, cfg, ctx, optimizer) -> dict:
     local = localize(logical, optimizer.param_layouts(), chunks, tp_rank=ctx.tp_rank, tp_size=par.tensor, path=path)
     optimizer.load_logical(local, applied_steps=int(shard0["optimizer"]["applied_steps"]))
     # Dropout streams belong to a layout (seeded per pipeline stage and TP rank); take the nearest old rank's.
-    twin = Topology(old.world, tp=old.tp, pp=old.pp).rank(dp=min(ctx.dp_rank, old.dp - 1),
-                                                         pp=min(ctx.pp_rank, old.pp - 1),
-                                                         tp=min(ctx.tp_rank, old.tp - 1))
+    twin = Topology(old.world, tp=old.tp, pp=old.pp).rank(
+        dp=min(ctx.dp_rank, old.dp - 1), pp=min(ctx.pp_rank, old.pp - 1), tp=min(ctx.tp_rank, old.tp - 1)
+    )
     rest = dict(shard0)
     twin_shard = shard0 if twin == 0 else store.load_shard(path, twin)
     rest["rng"] = twin_shard["rng"]

@@ -48,7 +48,7 @@ class HostSnapshot:
         self._next = 0
         for key, tensor in found.items():
             memo[key] = self._copy_tensor(tensor, storages, cuda_devices)
-        del self._buffers[self._next:]  # storages the state no longer has
+        del self._buffers[self._next :]  # storages the state no longer has
         for device in cuda_devices:  # the copies were queued non-blocking on the current stream
             torch.cuda.current_stream(device).synchronize()
         return copy.deepcopy(state, memo)

@@ -69,13 +69,23 @@ def _write_atomic_text(path: str, text: str) -> None:
     _fsync_path(os.path.dirname(path) or ".")
 
 
-def save_checkpoint(save_dir: str, step: int, state: dict, *, rank: int, world_size: int, layout: dict,
-                    keep_last: int, barrier: Callable[[], None] = lambda: None) -> str:
+def save_checkpoint(
+    save_dir: str,
+    step: int,
+    state: dict,
+    *,
+    rank: int,
+    world_size: int,
+    layout: dict,
+    keep_last: int,
+    barrier: Callable[[], None] = lambda: None,
+) -> str:
     """Write this rank's ``state``; returns the final directory. All ranks must call it."""
     tmp = prepare_save(save_dir, step, rank=rank, barrier=barrier)
     write_shard(tmp, state, rank=rank)
-    return commit_save(save_dir, step, rank=rank, world_size=world_size, layout=layout, keep_last=keep_last,
-                       barrier=barrier)
+    return commit_save(
+        save_dir, step, rank=rank, world_size=world_size, layout=layout, keep_last=keep_last, barrier=barrier
+    )
 
 
 def prepare_save(save_dir: str, step: int, *, rank: int, barrier: Callable[[], None] = lambda: None) -> str:
@@ -103,13 +113,23 @@ def write_shard(tmp: str, state: dict, *, rank: int) -> str:
         target = shard + ".sha256"
         _write_atomic_text(target, _sha256(shard))
     except OSError as err:
-        raise CheckpointError(f"{target}: writing the checkpoint failed ({err.strerror or err})",
-                              hint="check free space and permissions under train.save_dir") from err
+        raise CheckpointError(
+            f"{target}: writing the checkpoint failed ({err.strerror or err})",
+            hint="check free space and permissions under train.save_dir",
+        ) from err
     return shard
 
 
-def commit_save(save_dir: str, step: int, *, rank: int, world_size: int, layout: dict, keep_last: int,
-                barrier: Callable[[], None] = lambda: None) -> str:
+def commit_save(
+    save_dir: str,
+    step: int,
+    *,
+    rank: int,
+    world_size: int,
+    layout: dict,
+    keep_last: int,
+    barrier: Callable[[], None] = lambda: None,
+) -> str:
     """Phase 3, all ranks, once every rank's :func:`write_shard` returned: barrier, rank 0 writes the manifest,
     renames the directory into place, points ``latest`` at it and prunes; barrier. Returns the directory."""
     name = step_dir_name(step)
@@ -122,8 +142,13 @@ def commit_save(save_dir: str, step: int, *, rank: int, world_size: int, layout:
             fname = f"rank_{r:05d}.pt"
             with open(os.path.join(tmp, fname + ".sha256"), encoding="utf-8") as fh:
                 shards[fname] = fh.read().strip()
-        manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size,
-                    "layout": layout, "shards": shards}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": world_size,
+            "layout": layout,
+            "shards": shards,
+        }
         _write_atomic_text(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True))
         if os.path.exists(final):  # a stale copy of the same step (e.g. after a rollback) is replaced
             shutil.rmtree(final)
@@ -156,7 +181,7 @@ def _drop_stale_tmp(save_dir: str, *, before_step: int) -> None:
     """Remove the unfinished ``.tmp_step_*`` directories of earlier steps: saves a crash (or an abandoned
     background write) left behind. Nothing writes them any more: at most one save is in flight."""
     for entry in os.listdir(save_dir):
-        m = STEP_DIR.match(entry[len(".tmp_"):]) if entry.startswith(".tmp_") else None
+        m = STEP_DIR.match(entry[len(".tmp_") :]) if entry.startswith(".tmp_") else None
         if m and int(m.group(1)) < before_step:
             shutil.rmtree(os.path.join(save_dir, entry), ignore_errors=True)
 
@@ -172,20 +197,25 @@ def read_manifest(path: str) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}/manifest.json: unreadable ({err})") from None
     if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise CheckpointError(f"{path}/manifest.json: format_version {manifest.get('format_version')} is not one "
-                              f"this Trident reads ({', '.join(map(str, READABLE_VERSIONS))})",
-                              hint="a newer Trident wrote it: load it with that version")
+        raise CheckpointError(
+            f"{path}/manifest.json: format_version {manifest.get('format_version')} is not one "
+            f"this Trident reads ({', '.join(map(str, READABLE_VERSIONS))})",
+            hint="a newer Trident wrote it: load it with that version",
+        )
     return manifest
 
 
-def latest_checkpoint(save_dir: str, *, warn: Callable[[str], None] = lambda msg: None,
-                      before_step: int | None = None) -> str:
+def latest_checkpoint(
+    save_dir: str, *, warn: Callable[[str], None] = lambda msg: None, before_step: int | None = None
+) -> str:
     """Newest complete checkpoint directory whose shards verify (optionally saved before ``before_step``);
     falls back to older ones with a warning."""
     candidates = [s for s in _complete_steps(save_dir) if before_step is None or s < before_step]
     if not candidates:
-        raise NoCheckpointError(f"{save_dir}: no complete checkpoint to resume from",
-                                hint="drop --resume / train.resume to start from scratch")
+        raise NoCheckpointError(
+            f"{save_dir}: no complete checkpoint to resume from",
+            hint="drop --resume / train.resume to start from scratch",
+        )
     for step in reversed(candidates):
         path = os.path.join(save_dir, step_dir_name(step))
         problem = verify_checkpoint(path)

@@ -34,9 +34,24 @@ from engine.config.sections import (
 from engine.errors import ConfigError
 
 __all__ = [
-    "AdamParams", "BF16Config", "BatchSizes", "DataConfig", "DatasetEntry", "FP16Config", "ModelConfig",
-    "OptimizerConfig", "ParallelConfig", "ResilienceConfig", "SchedulerConfig", "SchedulerParams",
-    "TrainConfig", "TridentConfig", "ZeroConfig", "load_config", "parse_config", "resolve_batch",
+    "AdamParams",
+    "BF16Config",
+    "BatchSizes",
+    "DataConfig",
+    "DatasetEntry",
+    "FP16Config",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "ResilienceConfig",
+    "SchedulerConfig",
+    "SchedulerParams",
+    "TrainConfig",
+    "TridentConfig",
+    "ZeroConfig",
+    "load_config",
+    "parse_config",
+    "resolve_batch",
 ]
 
 
@@ -53,13 +68,17 @@ class TridentConfig:
     zero_optimization: ZeroConfig = field(doc="ZeRO sharding", factory=ZeroConfig)
     steps_per_print: int = field(10, doc="default for train.log_interval", min=1)
     activation_checkpointing: ActivationCheckpointingConfig = field(
-        doc="DeepSpeed's activation checkpointing section", factory=ActivationCheckpointingConfig)
+        doc="DeepSpeed's activation checkpointing section", factory=ActivationCheckpointingConfig
+    )
     tensorboard: TensorBoardConfig = field(doc="TensorBoard output", factory=TensorBoardConfig)
     wandb: WandbConfig = field(doc="Weights & Biases monitor (DeepSpeed's section)", factory=WandbConfig)
     communication_data_type: str | None = field(None, doc="must be fp32 or omitted")
     gradient_predivide_factor: float | None = field(None, doc="must be 1.0 or omitted")
-    zero_allow_untested_optimizer: bool = field(False, doc="no effect: DeepSpeed's permission to run ZeRO with a "
-                                                        "client optimizer; Trident's ZeRO runs only its own AdamW")
+    zero_allow_untested_optimizer: bool = field(
+        False,
+        doc="no effect: DeepSpeed's permission to run ZeRO with a "
+        "client optimizer; Trident's ZeRO runs only its own AdamW",
+    )
     model: ModelConfig = field(doc="the transformer", factory=ModelConfig)
     parallel: ParallelConfig = field(doc="tensor/pipeline layout (dp is derived)", factory=ParallelConfig)
     data: DataConfig = field(doc="datasets and sampling", factory=lambda: DataConfig(synthetic=True))
@@ -74,27 +93,32 @@ class TridentConfig:
             if value is not None and value != allowed:
                 raise ConfigError(f"{key}: {json.dumps(value)} is not supported: {why}")
         if self.train_batch_size is None and self.train_micro_batch_size_per_gpu is None:
-            raise ConfigError("train_batch_size: either train_batch_size or train_micro_batch_size_per_gpu "
-                              "must be given")
+            raise ConfigError(
+                "train_batch_size: either train_batch_size or train_micro_batch_size_per_gpu must be given"
+            )
         if self.parallel.sequence_parallel and self.parallel.tensor == 1:
             raise ConfigError("parallel.sequence_parallel: needs parallel.tensor > 1")
         if self.parallel.pipeline_schedule == "interleaved" and self.parallel.virtual_stages < 2:
             raise ConfigError("parallel.virtual_stages: the interleaved schedule needs virtual_stages >= 2")
         if self.parallel.virtual_stages > 1 and self.parallel.pipeline_schedule != "interleaved":
-            raise ConfigError("parallel.virtual_stages: > 1 needs pipeline_schedule \"interleaved\"")
+            raise ConfigError('parallel.virtual_stages: > 1 needs pipeline_schedule "interleaved"')
         m = self.model
         if m.n_layers < self.parallel.pipeline * self.parallel.virtual_stages:
             raise ConfigError(
                 f"parallel.pipeline: {self.parallel.pipeline} stages x {self.parallel.virtual_stages} virtual "
-                f"stages need at least that many layers, model.n_layers is {m.n_layers}")
+                f"stages need at least that many layers, model.n_layers is {m.n_layers}"
+            )
         tp = self.parallel.tensor
         if m.dropout > 0 and m.recompute != "none" and tp > 1:
-            raise ConfigError(f"model.recompute: \"{m.recompute}\" with model.dropout > 0 and parallel.tensor > 1 "
-                              "would replay different dropout masks in recomputation",
-                              hint="set model.dropout=0 (usual for pretraining) or model.recompute=\"none\"")
+            raise ConfigError(
+                f'model.recompute: "{m.recompute}" with model.dropout > 0 and parallel.tensor > 1 '
+                "would replay different dropout masks in recomputation",
+                hint='set model.dropout=0 (usual for pretraining) or model.recompute="none"',
+            )
         if m.n_heads % tp or m.kv_heads % tp:
-            raise ConfigError(f"parallel.tensor: {tp} must divide model.n_heads={m.n_heads} and "
-                              f"n_kv_heads={m.kv_heads}")
+            raise ConfigError(
+                f"parallel.tensor: {tp} must divide model.n_heads={m.n_heads} and n_kv_heads={m.kv_heads}"
+            )
 
     @property
     def dtype_name(self) -> str:
@@ -133,7 +157,8 @@ def resolve_batch(cfg: TridentConfig, dp: int) -> BatchSizes:
         raise ConfigError(
             f"train_batch_size: {tb} != train_micro_batch_size_per_gpu {mb} * gradient_accumulation_steps "
             f"{ga} * data-parallel size {dp}",
-            hint="give two of the three and let Trident derive the third")
+            hint="give two of the three and let Trident derive the third",
+        )
     return BatchSizes(global_batch=tb, micro_batch=mb, grad_accum=ga, dp=dp)
 
 
@@ -168,7 +193,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not an object")
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not an object")
             node = child
         node[parts[-1]] = _parse_value(text)
     return raw

@@ -68,11 +68,17 @@ def render() -> str:
     lines = [HEADER, "## Top-level keys", "", *_table(top_level)]
     for name, doc, rows in sections:
         lines += ["", f"## `{name}`", "", _cell(doc), "", *_table(rows)]
-    lines += ["", "## DeepSpeed keys Trident refuses", "",
-              "Each is accepted only when it asks for nothing (`false`, `null`, `{}`, `\"enabled\": false`, an "
-              "offload with `\"device\": \"none\"`) or for exactly what Trident does anyway (listed); anything "
-              "else stops the run with this one-line reason.", "",
-              "| key | also accepted | reason |", "|---|---|---|"]
+    lines += [
+        "",
+        "## DeepSpeed keys Trident refuses",
+        "",
+        'Each is accepted only when it asks for nothing (`false`, `null`, `{}`, `"enabled": false`, an '
+        'offload with `"device": "none"`) or for exactly what Trident does anyway (listed); anything '
+        "else stops the run with this one-line reason.",
+        "",
+        "| key | also accepted | reason |",
+        "|---|---|---|",
+    ]
     for key in sorted(REFUSALS):
         reason = REFUSALS[key]
         accepts = ", ".join(f"`{json.dumps(v)}`" for v in getattr(reason, "accepts", ()))

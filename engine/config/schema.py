@@ -67,7 +67,7 @@ def convert(tp: Any, value: Any, path: str, refusals: Refusals) -> Any:
     except ConfigError:
         if value == "auto":
             raise ConfigError(
-                f"{path}: \"auto\" needs a value",
+                f'{path}: "auto" needs a value',
                 hint="'auto' is filled in by the Hugging Face Trainer integration; Trident needs the number itself",
             ) from None
         raise
@@ -168,20 +168,26 @@ def build(cls: type, data: dict, path: str, refusals: Refusals) -> Any:
         name = aliases.get(key, key)
         if name not in fields:
             known = list(fields) + list(aliases)
-            raise ConfigError(f"{key_path}: unknown key", hint=suggest(key, known) or
-                              f"known keys here: {', '.join(sorted(fields))}")
+            raise ConfigError(
+                f"{key_path}: unknown key", hint=suggest(key, known) or f"known keys here: {', '.join(sorted(fields))}"
+            )
         if name in kwargs:
             raise ConfigError(f"{key_path}: given twice (as '{key}' and its alias)")
         f = fields[name]
         conv = convert(hints[name], value, key_path, refusals)
         if "choices" in f.metadata and conv not in f.metadata["choices"]:
-            raise ConfigError(f"{key_path}: {_describe(conv)} is not one of "
-                              f"{', '.join(json.dumps(c) for c in f.metadata['choices'])}",
-                              hint=f.metadata.get("doc") or None)
+            raise ConfigError(
+                f"{key_path}: {_describe(conv)} is not one of "
+                f"{', '.join(json.dumps(c) for c in f.metadata['choices'])}",
+                hint=f.metadata.get("doc") or None,
+            )
         _check_bounds(f, conv, key_path)
         kwargs[name] = conv
-    missing = [n for n, f in fields.items() if n not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{_join(path, missing[0])}: required key is missing")
     obj = cls(**kwargs)

@@ -58,9 +58,7 @@ class SampleDataset:
 Dataset = SampleDataset
 
 
-def split_documents(
-    num_docs: int, valid_fraction: float, *, seed: int, name: str
-) -> tuple[np.ndarray, np.ndarray]:
+def split_documents(num_docs: int, valid_fraction: float, *, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(train doc ids, valid doc ids), both sorted; a seeded ``valid_fraction`` of documents is held out.
 
     At least one document goes to each side when ``valid_fraction > 0``.
@@ -153,9 +151,7 @@ class GPTDataset(SampleDataset):
 class BlendedDataset(SampleDataset):
     """Datasets interleaved by weight: slot i is sample ``sample_index[i]`` of ``dataset_index[i]``."""
 
-    def __init__(
-        self, datasets: list[SampleDataset], dataset_index: np.ndarray, sample_index: np.ndarray
-    ) -> None:
+    def __init__(self, datasets: list[SampleDataset], dataset_index: np.ndarray, sample_index: np.ndarray) -> None:
         self.datasets = datasets
         self.seq_len = datasets[0].seq_len
         self.dataset_index = dataset_index
@@ -292,9 +288,7 @@ def build_datasets(
     if num_valid_samples <= 0:
         return train, None
     if valid_prefixes:
-        vw = normalize_weights(
-            valid_weights or [1.0] * len(valid_prefixes), what="data.valid_datasets[].weight"
-        )
+        vw = normalize_weights(valid_weights or [1.0] * len(valid_prefixes), what="data.valid_datasets[].weight")
         if len(vw) != len(valid_prefixes):
             raise DataError(f"data.valid_datasets: {len(vw)} weights for {len(valid_prefixes)} prefixes")
         parts = [(s, np.arange(len(s), dtype=np.int64)) for s in map(open_checked, valid_prefixes)]

@@ -48,9 +48,7 @@ def shuffle_reference(arr: np.ndarray, key: int) -> None:
     arr[:] = values
 
 
-def build_sample_idx_reference(
-    sizes: np.ndarray, doc_idx: np.ndarray, seq_len: int, num_samples: int
-) -> np.ndarray:
+def build_sample_idx_reference(sizes: np.ndarray, doc_idx: np.ndarray, seq_len: int, num_samples: int) -> np.ndarray:
     """Rows ``(position in doc_idx, offset)`` of stream tokens ``0, L, 2L, ...`` (row 0 is ``(0, 0)``)."""
     lengths = np.asarray(sizes, dtype=np.int64)[np.asarray(doc_idx)]
     ends = np.cumsum(lengths)  # ends[p] = stream position just past document p

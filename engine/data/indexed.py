@@ -224,15 +224,19 @@ def check_lengths_and_pointers(idx_file: str, sizes: np.ndarray, pointers: np.nd
         bad = np.flatnonzero(chunk < 0)
         if bad.size:
             i = lo + int(bad[0])
-            raise DataError(f"{idx_file}: negative length {int(sizes[i])} of sequence {i} at byte "
-                            f"{HEADER_BYTES + 4 * i}", hint="corrupt index; run python -m engine.prepare --verify")
+            raise DataError(
+                f"{idx_file}: negative length {int(sizes[i])} of sequence {i} at byte {HEADER_BYTES + 4 * i}",
+                hint="corrupt index; run python -m engine.prepare --verify",
+            )
         expected = running + np.concatenate([[0], np.cumsum(chunk[:-1])]) * itemsize
         bad = np.flatnonzero(pointers[lo : lo + CHECK_CHUNK] != expected)
         if bad.size:
             i = lo + int(bad[0])
-            raise DataError(f"{idx_file}: pointer of sequence {i} is {int(pointers[i])}, expected "
-                            f"{int(expected[i - lo])}, at byte {HEADER_BYTES + 4 * n + 8 * i}",
-                            hint="corrupt index; run python -m engine.prepare --verify")
+            raise DataError(
+                f"{idx_file}: pointer of sequence {i} is {int(pointers[i])}, expected "
+                f"{int(expected[i - lo])}, at byte {HEADER_BYTES + 4 * n + 8 * i}",
+                hint="corrupt index; run python -m engine.prepare --verify",
+            )
         running = int(expected[-1]) + int(chunk[-1]) * itemsize
 
 
@@ -274,8 +278,7 @@ class IndexedDataset:
                 hint="the .bin is truncated or belongs to another index; re-run engine.prepare",
             )
         if n and (
-            self.pointers[0] != 0
-            or int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize != expected
+            self.pointers[0] != 0 or int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize != expected
         ):
             raise DataError(
                 f"{self.idx_file}: sequence pointers (byte {HEADER_BYTES + 4 * n}) do not span the .bin",

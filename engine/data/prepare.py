@@ -29,21 +29,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m engine.prepare",
-                description="text/JSONL/parquet -> SentencePiece tokens in Megatron .bin/.idx shards")
+    p = _Parser(
+        prog="python -m engine.prepare",
+        description="text/JSONL/parquet -> SentencePiece tokens in Megatron .bin/.idx shards",
+    )
     p.add_argument(
         "--input", nargs="+", metavar="PATH", help="files, directories or globs (.txt, .jsonl, .gz, .parquet)"
     )
-    p.add_argument(
-        "--output-prefix", metavar="P", help="write P.bin/.idx (or P_00000.bin/.idx... with --shard-tokens)"
-    )
+    p.add_argument("--output-prefix", metavar="P", help="write P.bin/.idx (or P_00000.bin/.idx... with --shard-tokens)")
     p.add_argument("--tokenizer", metavar="M.model", help="an existing SentencePiece model")
     p.add_argument(
         "--train-tokenizer", action="store_true", help="train a SentencePiece model on a sample of the input"
     )
-    p.add_argument(
-        "--vocab-size", type=int, help="vocabulary of the trained tokenizer; with --verify, the id bound"
-    )
+    p.add_argument("--vocab-size", type=int, help="vocabulary of the trained tokenizer; with --verify, the id bound")
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--user-symbols", nargs="*", default=[], metavar="SYM", help="extra special tokens")
@@ -68,15 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="file",
         help=".txt documents: whole file (default) or blank-line separated blocks",
     )
-    p.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)"
-    )
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
     p.add_argument("--shard-tokens", type=int, metavar="N", help="start a new shard after N tokens")
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (by content hash)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--verify", nargs="+", metavar="PREFIX", help="verify existing shards instead of preparing"
-    )
+    p.add_argument("--verify", nargs="+", metavar="PREFIX", help="verify existing shards instead of preparing")
     return p
 
 
@@ -146,10 +140,7 @@ def _verify(args: argparse.Namespace) -> int:
     for prefix in args.verify:
         r = verify_prefix(prefix, vocab_size=args.vocab_size)
         bound = f", ids < {r['vocab_size']}" if r["vocab_size"] else ", ids unchecked (no vocab size)"
-        print(
-            f"ok {prefix}: {r['shards']} shard(s), {r['documents']:,} documents, "
-            f"{r['tokens']:,} tokens{bound}"
-        )
+        print(f"ok {prefix}: {r['shards']} shard(s), {r['documents']:,} documents, {r['tokens']:,} tokens{bound}")
     return 0
 
 

@@ -65,24 +65,16 @@ def build_sample_idx(
     """(num_samples + 1, 2) rows (doc_idx position, offset) of stream tokens 0, L, 2L, ...."""
     sizes = np.ascontiguousarray(sizes, dtype=np.int32)
     if use_cpp and _index_cpp is not None:
-        fn = (
-            _index_cpp.build_sample_idx_int32
-            if doc_idx.dtype == np.int32
-            else _index_cpp.build_sample_idx_int64
-        )
+        fn = _index_cpp.build_sample_idx_int32 if doc_idx.dtype == np.int32 else _index_cpp.build_sample_idx_int64
         doc_idx = np.ascontiguousarray(doc_idx, dtype=np.int32 if doc_idx.dtype == np.int32 else np.int64)
         return fn(sizes, doc_idx, seq_len, num_samples, num_threads)
     return ref.build_sample_idx_reference(sizes, doc_idx, seq_len, num_samples)
 
 
-def normalize_weights(
-    weights: list[float] | np.ndarray, *, what: str = "data.datasets[].weight"
-) -> np.ndarray:
+def normalize_weights(weights: list[float] | np.ndarray, *, what: str = "data.datasets[].weight") -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise DataError(
-            f"{what}: weights must be finite, >= 0 and not all 0 (got {list(map(float, w.ravel()))})"
-        )
+        raise DataError(f"{what}: weights must be finite, >= 0 and not all 0 (got {list(map(float, w.ravel()))})")
     return w / w.sum()
 
 
@@ -196,6 +188,4 @@ def load_or_build(
     try:
         return {n: np.load(os.path.join(folder, f"{n}.npy"), mmap_mode="r") for n in names}
     except (OSError, ValueError) as err:
-        raise DataError(
-            f"{folder}: unreadable cached index ({err})", hint="delete the folder to rebuild it"
-        ) from None
+        raise DataError(f"{folder}: unreadable cached index ({err})", hint="delete the folder to rebuild it") from None

@@ -49,16 +49,14 @@ def resolve_shards(prefix: str) -> list[str]:
             numbered.append((int(m.group(1)), path[: -len(".idx")]))
     if not numbered:
         raise DataError(
-            f"{prefix}: no shards found (looked for {prefix}.bin/.idx and "
-            f"{shard_prefix(prefix, 0)}.bin/.idx)",
+            f"{prefix}: no shards found (looked for {prefix}.bin/.idx and {shard_prefix(prefix, 0)}.bin/.idx)",
             hint="pass the --output-prefix given to python -m engine.prepare",
         )
     numbered.sort()
     for expected, (number, _) in enumerate(numbered):
         if number != expected:
             raise DataError(
-                f"{shard_prefix(prefix, expected)}.idx: shard missing from the set "
-                f"({len(numbered)} shards found)",
+                f"{shard_prefix(prefix, expected)}.idx: shard missing from the set ({len(numbered)} shards found)",
                 hint="copy the whole shard set",
             )
     return [path for _, path in numbered]

@@ -66,9 +66,7 @@ def expand_inputs(patterns: list[str], *, text_suffixes: tuple[str, ...] = ()) -
             found = [pattern]
         else:
             found = sorted(
-                p
-                for p in glob.glob(pattern, recursive=True)
-                if os.path.isfile(p) and input_kind(p, text_suffixes)
+                p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) and input_kind(p, text_suffixes)
             )
         if not found:
             raise DataError(f"--input {pattern}: no .txt/.jsonl/.parquet files found")
@@ -134,9 +132,7 @@ def _decode(data: bytes, path: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path}: not UTF-8 text at byte {err.start}", hint="convert the file to UTF-8"
-        ) from None
+        raise DataError(f"{path}: not UTF-8 text at byte {err.start}", hint="convert the file to UTF-8") from None
 
 
 def _jsonl_units(path: str, stream, progress: _Progress, unit_bytes: int):

@@ -41,9 +41,7 @@ def documents_of_unit(unit: tuple, text_key: str) -> list[str]:
         try:
             obj = json.loads(line)
         except ValueError as err:
-            raise DataError(
-                f"{path}:{first_line + n}: invalid JSON ({err})", hint="one JSON object per line"
-            ) from None
+            raise DataError(f"{path}:{first_line + n}: invalid JSON ({err})", hint="one JSON object per line") from None
         text = obj.get(text_key) if isinstance(obj, dict) else None
         if not isinstance(text, str):
             raise DataError(f"{path}:{first_line + n}: no string field '{text_key}'", hint="pass --text-key")
@@ -79,9 +77,7 @@ def encode_unit(job: tuple) -> tuple:
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.concatenate(ids).astype(dtype, copy=False)  # ids < vocab_size, which fits dtype
     digests = (
-        [hashlib.blake2b(d.encode("utf-8", "surrogatepass"), digest_size=16).digest() for d in kept]
-        if dedup
-        else None
+        [hashlib.blake2b(d.encode("utf-8", "surrogatepass"), digest_size=16).digest() for d in kept] if dedup else None
     )
     return flat, lengths, digests, len(docs) - len(kept)
 
@@ -109,8 +105,7 @@ class PrepareSummary:
             f"prepared {self.output_prefix}: {self.documents:,} documents, {self.tokens:,} tokens "
             f"({self.dtype}) "
             f"in {len(self.shards)} shard(s) from {self.files} file(s)",
-            f"  skipped {self.empty_skipped:,} empty, "
-            f"removed {self.duplicates_removed:,} duplicate documents",
+            f"  skipped {self.empty_skipped:,} empty, removed {self.duplicates_removed:,} duplicate documents",
             f"  {self.seconds:.2f} s with {self.workers} worker(s): {rate:,.0f} tokens/s, {mbs:.1f} MB/s",
             f"  tokenizer {self.tokenizer} (sha256 {self.tokenizer_sha256[:16]}...)",
         ]
@@ -219,10 +214,7 @@ def run_prepare(
     seen: set[bytes] = set()
     start = time.perf_counter()
     bar = _progress_bar(total_bytes) if progress else _NoBar()
-    jobs = (
-        ((unit, tokenizer.path, text_key, dtype, dedup), disk_bytes)
-        for unit, disk_bytes in _track(units, summary)
-    )
+    jobs = (((unit, tokenizer.path, text_key, dtype, dedup), disk_bytes) for unit, disk_bytes in _track(units, summary))
 
     def consume(result: tuple, disk_bytes: int) -> None:
         if isinstance(result[0], str):  # ("error", message) from a worker

@@ -54,9 +54,7 @@ class Tokenizer:
 
         self.path = str(path)
         if not os.path.isfile(self.path):
-            raise DataError(
-                f"{self.path}: tokenizer model not found", hint="pass an existing SentencePiece .model"
-            )
+            raise DataError(f"{self.path}: tokenizer model not found", hint="pass an existing SentencePiece .model")
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.Load(self.path)
@@ -94,9 +92,7 @@ class Tokenizer:
         if model_type not in ("bpe", "unigram"):
             raise DataError(f"unknown tokenizer model_type '{model_type}'", hint="use bpe or unigram")
         if vocab_size < 8:
-            raise DataError(
-                f"tokenizer vocab_size {vocab_size} is too small", hint="use at least a few hundred"
-            )
+            raise DataError(f"tokenizer vocab_size {vocab_size} is too small", hint="use at least a few hundred")
         texts = _iter_text_files(texts_or_files) if files else texts_or_files
         Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
         spm.set_random_generator_seed(seed)

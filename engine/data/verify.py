@@ -40,9 +40,7 @@ def verify_shard(prefix: str, *, vocab_size: int | None) -> tuple[int, int]:
 
     i = _first_false(sizes >= 0)
     if i is not None:
-        raise DataError(
-            f"{idx_file}: negative length {sizes[i]} of sequence {i} at byte {HEADER_BYTES + 4 * i}"
-        )
+        raise DataError(f"{idx_file}: negative length {sizes[i]} of sequence {i} at byte {HEADER_BYTES + 4 * i}")
     expected_ptr = np.concatenate([[0], np.cumsum(sizes[:-1] * item)]) if n else sizes
     i = _first_false(pointers == expected_ptr)
     if i is not None:
@@ -55,9 +53,7 @@ def verify_shard(prefix: str, *, vocab_size: int | None) -> tuple[int, int]:
         raise DataError(f"{idx_file}: document index must start with 0 at byte {doc_off}")
     i = _first_false(np.diff(doc_idx) >= 0)
     if i is not None:
-        raise DataError(
-            f"{idx_file}: document index decreases at entry {i + 1}, byte {doc_off + 8 * (i + 1)}"
-        )
+        raise DataError(f"{idx_file}: document index decreases at entry {i + 1}, byte {doc_off + 8 * (i + 1)}")
     if doc_idx[-1] != n:
         raise DataError(
             f"{idx_file}: document index ends at {doc_idx[-1]}, not the sequence count {n}, "
@@ -83,8 +79,7 @@ def verify_shard(prefix: str, *, vocab_size: int | None) -> tuple[int, int]:
             if i is not None:
                 at = start + i
                 raise DataError(
-                    f"{data_file}: token id {chunk[i]} >= vocab size {vocab_size} (or negative) "
-                    f"at byte {at * item}",
+                    f"{data_file}: token id {chunk[i]} >= vocab size {vocab_size} (or negative) at byte {at * item}",
                     hint="the shard was made with another tokenizer, or is corrupt",
                 )
     return n, tokens
@@ -107,9 +102,7 @@ def verify_prefix(prefix: str, *, vocab_size: int | None = None) -> dict:
             vocab_size = meta["vocab_size"]
         listed = [s.get("prefix") for s in meta.get("shards", [])]
         if listed and listed != [os.path.basename(s) for s in shards]:
-            raise DataError(
-                f"{prefix}.meta.json: lists shards {listed}, found {[os.path.basename(s) for s in shards]}"
-            )
+            raise DataError(f"{prefix}.meta.json: lists shards {listed}, found {[os.path.basename(s) for s in shards]}")
     documents = tokens = 0
     for n, shard in enumerate(shards):
         docs, toks = verify_shard(shard, vocab_size=vocab_size)

@@ -160,9 +160,7 @@ def all_reduce(tensor: torch.Tensor, group: Group, *, op: str = "sum") -> torch.
 def all_gather_into_tensor_async(output: torch.Tensor, input: torch.Tensor, group: Group) -> Handle:
     """``output`` (size * n, ...) = the ranks' ``input`` (n, ...) concatenated along dim 0."""
     if output.shape[0] != input.shape[0] * group.size or output.shape[1:] != input.shape[1:]:
-        raise ValueError(
-            f"all_gather output {tuple(output.shape)} != {group.size} x input {tuple(input.shape)}"
-        )
+        raise ValueError(f"all_gather output {tuple(output.shape)} != {group.size} x input {tuple(input.shape)}")
     if group.size == 1:
         output.copy_(input)
         return Handle()
@@ -175,8 +173,7 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: Gro
     return output
 
 
-def all_gather_in_pieces_async(output: torch.Tensor, input: torch.Tensor, group: Group, *,
-                               max_numel: int) -> Handle:
+def all_gather_in_pieces_async(output: torch.Tensor, input: torch.Tensor, group: Group, *, max_numel: int) -> Handle:
     """``all_gather_into_tensor_async`` of 1-D tensors as collectives of at most ``max_numel`` gathered
     elements each (DeepSpeed's ``allgather_bucket_size``; at least one element per rank): piece k gathers
     elements [k*c, (k+1)*c) of every rank's ``input`` (c = max_numel // size) into their places in
@@ -190,21 +187,17 @@ def all_gather_in_pieces_async(output: torch.Tensor, input: torch.Tensor, group:
     works = []
     for lo in range(0, n, c):
         hi = min(lo + c, n)
-        outs = [output[r * n + lo:r * n + hi] for r in range(group.size)]
+        outs = [output[r * n + lo : r * n + hi] for r in range(group.size)]
         group._count("all_gather", _nbytes(input[lo:hi]) * group.size)
         works.append(dist.all_gather(outs, input[lo:hi], group=group.pg, async_op=True))
     return Handle(works)
 
 
-def reduce_scatter_tensor_async(
-    output: torch.Tensor, input: torch.Tensor, group: Group, *, op: str = "sum"
-) -> Handle:
+def reduce_scatter_tensor_async(output: torch.Tensor, input: torch.Tensor, group: Group, *, op: str = "sum") -> Handle:
     """``output`` (n, ...) = this rank's dim-0 slice of the sum over ranks of ``input`` (size * n, ...)."""
     reduce_op = _op(op)
     if input.shape[0] != output.shape[0] * group.size or output.shape[1:] != input.shape[1:]:
-        raise ValueError(
-            f"reduce_scatter input {tuple(input.shape)} != {group.size} x output {tuple(output.shape)}"
-        )
+        raise ValueError(f"reduce_scatter input {tuple(input.shape)} != {group.size} x output {tuple(output.shape)}")
     if group.size == 1:
         output.copy_(input)
         return Handle()
@@ -219,15 +212,14 @@ def reduce_scatter_tensor_async(
     return Handle([_reduce_scatter_single(output, input, op=reduce_op, group=group.pg, async_op=True)])
 
 
-def reduce_scatter_tensor(
-    output: torch.Tensor, input: torch.Tensor, group: Group, *, op: str = "sum"
-) -> torch.Tensor:
+def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group: Group, *, op: str = "sum") -> torch.Tensor:
     reduce_scatter_tensor_async(output, input, group, op=op).wait()
     return output
 
 
-def reduce_scatter_uneven_async(output: torch.Tensor, input: torch.Tensor, splits: Sequence[int],
-                                group: Group) -> Handle:
+def reduce_scatter_uneven_async(
+    output: torch.Tensor, input: torch.Tensor, splits: Sequence[int], group: Group
+) -> Handle:
     """Sum-reduce-scatter with per-rank sizes: ``input`` (1-D) is the concatenation over ranks q of the
     ``splits[q]`` elements destined to q (the same ``splits`` on every rank), and ``output`` (``splits[rank]``
     elements) receives the sum over ranks of their parts for this rank. Neither gloo nor NCCL has a
@@ -243,8 +235,14 @@ def reduce_scatter_uneven_async(output: torch.Tensor, input: torch.Tensor, split
         return Handle()
     group._count("reduce_scatter", _nbytes(input))
     pieces = torch.empty(group.size * n, dtype=input.dtype, device=input.device)
-    work = dist.all_to_all_single(pieces, input, output_split_sizes=[n] * group.size,
-                                  input_split_sizes=list(splits), group=group.pg, async_op=True)
+    work = dist.all_to_all_single(
+        pieces,
+        input,
+        output_split_sizes=[n] * group.size,
+        input_split_sizes=list(splits),
+        group=group.pg,
+        async_op=True,
+    )
     return Handle([work], then=lambda: torch.sum(pieces.view(group.size, n), dim=0, out=output))
 
 
@@ -315,9 +313,7 @@ def batch_send_recv_async(ops: Sequence[Send | Recv], group: Group) -> Handle:
         is_send = isinstance(item, Send)
         group._count("send" if is_send else "recv", _nbytes(item.tensor))
         p2p.append(
-            dist.P2POp(
-                dist.isend if is_send else dist.irecv, item.tensor, group.ranks[item.peer], group=group.pg
-            )
+            dist.P2POp(dist.isend if is_send else dist.irecv, item.tensor, group.ranks[item.peer], group=group.pg)
         )
     return Handle(dist.batch_isend_irecv(p2p))
 

@@ -32,13 +32,9 @@ class ProcessGroups:
         import torch.distributed as dist  # noqa: PLC0415 - single() must work without a process group
 
         if not dist.is_initialized():
-            raise RuntimeError(
-                "ProcessGroups.build needs torch.distributed initialised; use single() for one process"
-            )
+            raise RuntimeError("ProcessGroups.build needs torch.distributed initialised; use single() for one process")
         if dist.get_world_size() != topology.world_size:
-            raise RuntimeError(
-                f"process group has {dist.get_world_size()} ranks, {topology!r} expects another"
-            )
+            raise RuntimeError(f"process group has {dist.get_world_size()} ranks, {topology!r} expects another")
         world_ranks = tuple(range(topology.world_size))
         created: dict[tuple[int, ...], object] = {world_ranks: dist.group.WORLD}
         mine: dict[str, Group | None] = {}
@@ -49,9 +45,7 @@ class ProcessGroups:
                 if len(key) > 1 and key not in created:
                     created[key] = dist.new_group(list(key))
                 if rank in key:
-                    mine[kind] = Group(
-                        kind=kind, ranks=key, rank=key.index(rank), pg=created.get(key), counter=counter
-                    )
+                    mine[kind] = Group(kind=kind, ranks=key, rank=key.index(rank), pg=created.get(key), counter=counter)
         return cls(
             topology=topology,
             rank=rank,

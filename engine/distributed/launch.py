@@ -105,9 +105,7 @@ def _master_addr(env: Mapping[str, str], source: str, *, all_local: bool) -> str
 
 def _from_torchrun(env: Mapping[str, str]) -> LaunchInfo:
     src = "torchrun"
-    _require(
-        env, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"), src, "RANK or WORLD_SIZE"
-    )
+    _require(env, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"), src, "RANK or WORLD_SIZE")
     world = _int(env, "WORLD_SIZE", src)
     local_size_var = next((n for n in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if n in env), None)
     # Neither LOCAL_WORLD_SIZE (torchrun) nor LOCAL_SIZE (deepspeed): a hand-set environment; assume one
@@ -160,25 +158,20 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchInfo:
         try:
             local_world = slurm_tasks_on_node(env["SLURM_TASKS_PER_NODE"], _int(env, "SLURM_NODEID", src))
         except ValueError:
-            raise LaunchError(
-                f"slurm: cannot parse SLURM_TASKS_PER_NODE={env['SLURM_TASKS_PER_NODE']!r}"
-            ) from None
+            raise LaunchError(f"slurm: cannot parse SLURM_TASKS_PER_NODE={env['SLURM_TASKS_PER_NODE']!r}") from None
     elif "SLURM_NTASKS_PER_NODE" in env:
         local_world = _int(env, "SLURM_NTASKS_PER_NODE", src)
     elif env.get("SLURM_NNODES", "1").strip() == "1":
         local_world = world
     else:
-        raise LaunchError(
-            "slurm launch over several nodes but SLURM_TASKS_PER_NODE and SLURM_NODEID are missing"
-        )
+        raise LaunchError("slurm launch over several nodes but SLURM_TASKS_PER_NODE and SLURM_NODEID are missing")
     if "MASTER_ADDR" in env:
         addr = env["MASTER_ADDR"]
     else:
         nodelist_var = next((n for n in ("SLURM_JOB_NODELIST", "SLURM_NODELIST") if n in env), None)
         if nodelist_var is None:
             raise LaunchError(
-                "slurm launch detected (SLURM_PROCID is set) but SLURM_JOB_NODELIST and MASTER_ADDR "
-                "are missing",
+                "slurm launch detected (SLURM_PROCID is set) but SLURM_JOB_NODELIST and MASTER_ADDR are missing",
                 hint='export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
             )
         try:
@@ -212,9 +205,7 @@ def _from_mpi4py(env: Mapping[str, str], comm) -> LaunchInfo:
 
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     # Rank 0's hostname is the rendezvous address; every rank learns it from the broadcast.
-    addr = env.get("MASTER_ADDR") or comm.bcast(
-        socket.gethostname() if comm.Get_rank() == 0 else None, root=0
-    )
+    addr = env.get("MASTER_ADDR") or comm.bcast(socket.gethostname() if comm.Get_rank() == 0 else None, root=0)
     return LaunchInfo(
         rank=comm.Get_rank(),
         world_size=comm.Get_size(),
@@ -249,9 +240,7 @@ def discover(
         )
         return _checked(_from_mpi_env(env, names, "openmpi"))
     if "PMI_RANK" in env or "PMI_SIZE" in env:
-        return _checked(
-            _from_mpi_env(env, ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"), "pmi")
-        )
+        return _checked(_from_mpi_env(env, ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"), "pmi"))
     if "SLURM_PROCID" in env:
         return _checked(_from_slurm(env))
     # Importing mpi4py initialises MPI (in a plain process Open MPI then starts a singleton daemon), so it is

@@ -84,26 +84,14 @@ class Topology:
     # --- groups: each a list of global ranks, ascending; together they partition the world ------------
 
     def tp_groups(self) -> list[list[int]]:
-        return [
-            [self.rank(dp=d, pp=p, tp=t) for t in range(self.tp)]
-            for p in range(self.pp)
-            for d in range(self.dp)
-        ]
+        return [[self.rank(dp=d, pp=p, tp=t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
 
     def dp_groups(self) -> list[list[int]]:
-        return [
-            [self.rank(dp=d, pp=p, tp=t) for d in range(self.dp)]
-            for p in range(self.pp)
-            for t in range(self.tp)
-        ]
+        return [[self.rank(dp=d, pp=p, tp=t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
 
     def pp_groups(self) -> list[list[int]]:
         """Index i of a pp group is pipeline stage i."""
-        return [
-            [self.rank(dp=d, pp=p, tp=t) for p in range(self.pp)]
-            for d in range(self.dp)
-            for t in range(self.tp)
-        ]
+        return [[self.rank(dp=d, pp=p, tp=t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
 
     def embedding_groups(self) -> list[list[int]]:
         """First and last stage of each pipeline (one rank when pp == 1): where tied embeddings live."""
@@ -112,8 +100,7 @@ class Topology:
     def model_parallel_groups(self) -> list[list[int]]:
         """All tp x pp ranks sharing one dp index: together they hold one full model replica."""
         return [
-            sorted(self.rank(dp=d, pp=p, tp=t) for p in range(self.pp) for t in range(self.tp))
-            for d in range(self.dp)
+            sorted(self.rank(dp=d, pp=p, tp=t) for p in range(self.pp) for t in range(self.tp)) for d in range(self.dp)
         ]
 
     def groups(self, kind: str) -> list[list[int]]:

@@ -34,8 +34,10 @@ from collections.abc import Callable
 
 EXIT_PEER_LOST = 5
 KEY_PREFIX = "trident/watchdog/"
-HINT = ("the process was stopped, killed (out of memory?) or its host is unreachable: check that rank's log "
-        "and the system log; raise resilience.heartbeat_timeout_s if ranks pause longer on purpose")
+HINT = (
+    "the process was stopped, killed (out of memory?) or its host is unreachable: check that rank's log "
+    "and the system log; raise resilience.heartbeat_timeout_s if ranks pause longer on purpose"
+)
 
 
 def _die(message: str) -> None:
@@ -55,9 +57,18 @@ class Watchdog:
     pass a recorder. ``store_host`` names the rank serving the store (None: a separate process).
     """
 
-    def __init__(self, store, *, rank: int, world_size: int, timeout_s: float, interval_s: float = 1.0,
-                 store_host: int | None = 0, on_lost: Callable[[str], None] = _die,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store,
+        *,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        interval_s: float = 1.0,
+        store_host: int | None = 0,
+        on_lost: Callable[[str], None] = _die,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not 0 < 2 * interval_s <= timeout_s:
             raise ValueError(f"need 0 < 2 x interval ({interval_s}) <= timeout ({timeout_s})")
         self.store, self.rank, self.world_size = store, rank, world_size
@@ -180,10 +191,14 @@ class Watchdog:
                 if self._host_done:
                     return None  # the store left with its host at the end of the run: nothing to judge
                 if self.store_host is None:
-                    return (f"the rendezvous store (torchrun agent) has not answered for {store_age:.1f} s "
-                            f"(hint: the launcher was stopped or killed, or its host is unreachable)")
-                return f"rank {self.store_host} has not been heard from for {store_age:.1f} s " \
-                       f"(it serves the rendezvous store; hint: {HINT})"
+                    return (
+                        f"the rendezvous store (torchrun agent) has not answered for {store_age:.1f} s "
+                        f"(hint: the launcher was stopped or killed, or its host is unreachable)"
+                    )
+                return (
+                    f"rank {self.store_host} has not been heard from for {store_age:.1f} s "
+                    f"(it serves the rendezvous store; hint: {HINT})"
+                )
             # Silence counts only while the store answered (else the store, judged above, is to blame).
             age = self._last_store_ok - self._watched_since
             if self._watched is not None and age > self.timeout_s:

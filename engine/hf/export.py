@@ -39,8 +39,14 @@ def write_tokenizer(model_path: str, out: str) -> dict:
     sp = tok._sp  # the SentencePieceProcessor: pieces of the special ids
     ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
     special = {f"{k}_token": sp.id_to_piece(v) for k, v in ids.items() if v >= 0}
-    config = {"tokenizer_class": "LlamaTokenizer", "model_max_length": 1 << 30, "add_bos_token": False,
-              "add_eos_token": False, "legacy": True, **special}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "model_max_length": 1 << 30,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "legacy": True,
+        **special,
+    }
     with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2)
     with open(os.path.join(out, "special_tokens_map.json"), "w", encoding="utf-8") as fh:
@@ -66,8 +72,11 @@ def export(checkpoint: str, out: str, *, dtype: str = "fp32", tokenizer: str | N
     tensors = to_hf(m, full)
     if m.tie_embeddings:
         tensors.pop("lm_head.weight")  # transformers re-ties it on load; safetensors refuses shared storage
-    save_file({k: v.to(torch_dtype).clone() for k, v in tensors.items()}, os.path.join(out, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(torch_dtype).clone() for k, v in tensors.items()},
+        os.path.join(out, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config = hf_config(m, bos_id=ids.get("bos"), eos_id=ids.get("eos"), pad_id=ids.get("pad"))
     config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as fh:

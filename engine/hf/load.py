@@ -26,8 +26,10 @@ Tensors = dict[str, torch.Tensor]
 def read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise ConfigError(f"train.init_from_hf: {cfg_path} not found",
-                          hint="point it at a directory written by save_pretrained or python -m engine.export")
+        raise ConfigError(
+            f"train.init_from_hf: {cfg_path} not found",
+            hint="point it at a directory written by save_pretrained or python -m engine.export",
+        )
     with open(cfg_path, encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -35,9 +37,18 @@ def read_hf_config(path: str) -> dict:
 def check_matches(m: ModelConfig, hf_cfg: dict, *, path: str) -> None:
     """Refuse, naming the model key, any config that does not describe the checkpoint's network."""
     want = model_fields_from_hf(hf_cfg, path=os.path.join(path, "config.json"))
-    have = {"arch": m.arch, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
-            "kv_heads": m.kv_heads, "ffn": m.ffn, "vocab_size": m.vocab_size, "eps": m.eps,
-            "rope_theta": m.rope_theta, "tie_embeddings": m.tie_embeddings}
+    have = {
+        "arch": m.arch,
+        "n_layers": m.n_layers,
+        "d_model": m.d_model,
+        "n_heads": m.n_heads,
+        "kv_heads": m.kv_heads,
+        "ffn": m.ffn,
+        "vocab_size": m.vocab_size,
+        "eps": m.eps,
+        "rope_theta": m.rope_theta,
+        "tie_embeddings": m.tie_embeddings,
+    }
     keys = {"kv_heads": "n_kv_heads", "ffn": "ffn_hidden", "eps": "norm_eps"}
     for key, value in want.items():
         if key == "max_seq_len":
@@ -49,8 +60,11 @@ def check_matches(m: ModelConfig, hf_cfg: dict, *, path: str) -> None:
         mine = have[key]
         same = abs(mine - value) <= 1e-12 * max(1.0, abs(value)) if isinstance(value, float) else mine == value
         if not same:
-            raise ConfigError(f"model.{keys.get(key, key)}: {json.dumps(mine)} but the Hugging Face checkpoint "
-                              f"{path} has {json.dumps(value)}", hint="make the model section match config.json")
+            raise ConfigError(
+                f"model.{keys.get(key, key)}: {json.dumps(mine)} but the Hugging Face checkpoint "
+                f"{path} has {json.dumps(value)}",
+                hint="make the model section match config.json",
+            )
 
 
 def read_hf_weights(path: str) -> Tensors:
@@ -61,8 +75,13 @@ def read_hf_weights(path: str) -> Tensors:
     if os.path.isfile(single) or os.path.isfile(index):
         from safetensors.torch import load_file
 
-        files = [single] if os.path.isfile(single) else sorted(
-            {os.path.join(path, f) for f in json.load(open(index, encoding="utf-8"))["weight_map"].values()})
+        files = (
+            [single]
+            if os.path.isfile(single)
+            else sorted(
+                {os.path.join(path, f) for f in json.load(open(index, encoding="utf-8"))["weight_map"].values()}
+            )
+        )
         out: Tensors = {}
         for f in files:
             out.update(load_file(f))
@@ -98,8 +117,9 @@ def load_into(chunk: nn.Module, full: Tensors, *, path: str) -> None:
             if param.dim() and value.shape[0] != param.shape[0] and key in ("embed.weight", "head.weight"):
                 value = torch.cat((value, value.new_zeros(param.shape[0] - value.shape[0], *value.shape[1:])))
             if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"{path}: {key} converts to shape {tuple(value.shape)}, the model needs "
-                                      f"{tuple(param.shape)}")
+                raise CheckpointError(
+                    f"{path}: {key} converts to shape {tuple(value.shape)}, the model needs {tuple(param.shape)}"
+                )
             param.copy_(value.to(param.dtype))
 
 

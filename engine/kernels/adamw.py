@@ -95,19 +95,13 @@ def _check(param, grad, exp_avg, exp_avg_sq, out, found_inf) -> None:
     n = param.numel()
     for name, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if t.dtype != torch.float32 or t.dim() != 1 or not t.is_contiguous():
-            raise ValueError(
-                f"adamw_: {name} must be a flat contiguous fp32 tensor, got {t.dtype} {tuple(t.shape)}"
-            )
+            raise ValueError(f"adamw_: {name} must be a flat contiguous fp32 tensor, got {t.dtype} {tuple(t.shape)}")
         if t.numel() != n:
             raise ValueError(f"adamw_: {name} has {t.numel()} elements but param has {n}")
     if grad.numel() != n or grad.dim() != 1 or not grad.is_contiguous():
-        raise ValueError(
-            f"adamw_: grad must be flat, contiguous and have {n} elements, got {tuple(grad.shape)}"
-        )
+        raise ValueError(f"adamw_: grad must be flat, contiguous and have {n} elements, got {tuple(grad.shape)}")
     if out is not None and (out.numel() != n or out.dim() != 1 or not out.is_contiguous()):
-        raise ValueError(
-            f"adamw_: out must be flat, contiguous and have {n} elements, got {tuple(out.shape)}"
-        )
+        raise ValueError(f"adamw_: out must be flat, contiguous and have {n} elements, got {tuple(out.shape)}")
     if found_inf is not None and (found_inf.dtype != torch.float32 or found_inf.numel() != 1):
         raise ValueError("adamw_: found_inf must be a one-element fp32 tensor (0.0 or 1.0)")
 

@@ -127,9 +127,7 @@ def attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo = 0
     if CAUSAL:
-        lo = (
-            start_n * BLOCK_N // BLOCK_M
-        ) * BLOCK_M  # query blocks above the diagonal see none of these keys
+        lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M  # query blocks above the diagonal see none of these keys
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h

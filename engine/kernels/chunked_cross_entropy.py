@@ -107,9 +107,7 @@ def _block_v(v: int) -> tuple[int, int]:
 
 def _check_shard(logits: torch.Tensor, target: torch.Tensor) -> None:
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(
-            f"expected logits (N, V) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}"
-        )
+        raise ValueError(f"expected logits (N, V) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
     if logits.stride(1) != 1:
         raise ValueError("logits must have a unit stride along the vocabulary (hint: call .contiguous())")
 
@@ -119,9 +117,7 @@ def _stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, ignore_
     out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3)]
     block, warps = _block_v(v)
     kernel, _ = launchable(_stats_kernel)
-    kernel[(n,)](
-        logits, target, *out, logits.stride(0), v, vocab_start, ignore_index, BLOCK_V=block, num_warps=warps
-    )
+    kernel[(n,)](logits, target, *out, logits.stride(0), v, vocab_start, ignore_index, BLOCK_V=block, num_warps=warps)
     return tuple(out)
 
 
@@ -191,9 +187,7 @@ def cross_entropy(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {', '.join(REDUCTIONS)}")
     if logits.shape[:-1] != target.shape:
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)} minus vocab"
-        )
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)} minus vocab")
     if not use_triton(logits, target):
         return reference.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
     flat = logits.reshape(-1, logits.shape[-1])
@@ -213,9 +207,7 @@ def vocab_parallel_stats(
     """
     _check_shard(logits_shard, target)
     if not use_triton(logits_shard, target):
-        return reference.vocab_parallel_stats(
-            logits_shard, target, vocab_start=vocab_start, ignore_index=ignore_index
-        )
+        return reference.vocab_parallel_stats(logits_shard, target, vocab_start=vocab_start, ignore_index=ignore_index)
     return _stats(logits_shard, target, vocab_start, ignore_index)
 
 
@@ -250,6 +242,4 @@ def vocab_parallel_grad(
         )
         return grad if out is None else out.copy_(grad)
     out = torch.empty_like(logits_shard) if out is None else out
-    return _grad(
-        logits_shard, target, lse.float().contiguous(), dloss.float(), vocab_start, ignore_index, out
-    )
+    return _grad(logits_shard, target, lse.float().contiguous(), dloss.float(), vocab_start, ignore_index, out)

@@ -248,9 +248,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tens
     if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
         raise ValueError(f"k/v {tuple(k.shape)} must share batch, seq and head_dim with q {tuple(q.shape)}")
     if h % k.shape[1] != 0:
-        raise ValueError(
-            f"query heads ({h}) must be a multiple of kv heads ({k.shape[1]}) for grouped-query attention"
-        )
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({k.shape[1]}) for grouped-query attention")
     if slopes is not None and slopes.shape != (h,):
         raise ValueError(f"alibi_slopes must have shape ({h},), got {tuple(slopes.shape)}")
 

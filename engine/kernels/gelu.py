@@ -118,8 +118,9 @@ def _bias_gelu_bwd_kernel(
 
 @functools.cache
 def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
-                                            ).multi_processor_count
+    return torch.cuda.get_device_properties(
+        index if index is not None else torch.cuda.current_device()
+    ).multi_processor_count
 
 
 # Launch settings for an H100 (checked with ptxas, not yet timed on one): tiles BLOCK_N = 256 columns wide

@@ -136,8 +136,10 @@ class _SwiGLUFunction(torch.autograd.Function):
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x (..., 2F) = [gate | up]; returns (..., F) in x's dtype (fp32 math)."""
     if x.dim() < 1 or x.shape[-1] % 2 or x.shape[-1] == 0:
-        raise ValueError(f"swiglu expects x (..., 2F) = [gate | up] with an even, non-zero last dimension; "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"swiglu expects x (..., 2F) = [gate | up] with an even, non-zero last dimension; "
+            f"got shape {tuple(x.shape)}"
+        )
     if not use_triton(x) or x.numel() == 0:
         return reference.swiglu(x)
     return _SwiGLUFunction.apply(x)

@@ -51,8 +51,9 @@ from engine.kernels.norm_kernels import _norm_bwd_kernel, _norm_fwd_kernel, _par
 
 @functools.cache
 def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
-                                            ).multi_processor_count
+    return torch.cuda.get_device_properties(
+        index if index is not None else torch.cuda.current_device()
+    ).multi_processor_count
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,10 @@ def _launch_bwd(
 
 
 def _sum_partials(
-    dw_part: torch.Tensor, db_part: torch.Tensor | None, w_dtype: torch.dtype, b_dtype: torch.dtype | None,
+    dw_part: torch.Tensor,
+    db_part: torch.Tensor | None,
+    w_dtype: torch.dtype,
+    b_dtype: torch.dtype | None,
     launch: NormLaunch = DEFAULT_LAUNCH,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Column sums of the (G, N) fp32 partial rows, in the parameters' dtypes (one launch for both)."""
@@ -238,9 +242,15 @@ def _sum_partials(
     return dw, db
 
 
-def _forward(x2: torch.Tensor, residual2: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-             eps: float, is_rms: bool, launch: NormLaunch
-             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+def _forward(
+    x2: torch.Tensor,
+    residual2: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+    launch: NormLaunch,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(y, x2 + residual2 or None, mean, rstd) for (M, N) rows; the norm is of the sum when a residual is given."""
     m, n = x2.shape
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -288,8 +298,19 @@ def _backward(ctx, dy: torch.Tensor, dres: torch.Tensor | None):
     # every program writes its whole partial row(s): no zero-fill needed
     dw_part = torch.empty((cfg.programs, n), dtype=torch.float32, device=x2.device)
     db_part = torch.empty((cfg.programs, n), dtype=torch.float32, device=x2.device) if has_bias else None
-    _launch_bwd(cfg, x2, dy2, dx, weight, mean, rstd, dw_part, db_part, ctx.is_rms,
-                dres=_rows(dres) if dres is not None else None)
+    _launch_bwd(
+        cfg,
+        x2,
+        dy2,
+        dx,
+        weight,
+        mean,
+        rstd,
+        dw_part,
+        db_part,
+        ctx.is_rms,
+        dres=_rows(dres) if dres is not None else None,
+    )
     dw, db = _sum_partials(dw_part, db_part, weight.dtype, ctx.bias_dtype, ctx.launch)
     return dx.view(ctx.shape), dw, db
 
@@ -346,7 +367,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5, *,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    *,
     launch: NormLaunch = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """LayerNorm over the last dimension of x (..., H) with fp32 statistics; returns x's dtype."""
@@ -356,8 +381,9 @@ def layer_norm(
     return _NormFunction.apply(x, weight, bias, eps, False, launch)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
-             launch: NormLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, launch: NormLaunch = DEFAULT_LAUNCH
+) -> torch.Tensor:
     """RMSNorm over the last dimension of x (..., H) with fp32 statistics; returns x's dtype."""
     _check(x, weight, None)
     if not use_triton(x, weight):
@@ -371,7 +397,12 @@ def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
 
 
 def add_layer_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5, *,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    *,
     launch: NormLaunch = DEFAULT_LAUNCH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, layer_norm(s)) with s = x + residual (in x's dtype): a pre-norm block's residual add and the next
@@ -384,7 +415,11 @@ def add_layer_norm(
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
     launch: NormLaunch = DEFAULT_LAUNCH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, rms_norm(s)) with s = x + residual (in x's dtype); see add_layer_norm."""

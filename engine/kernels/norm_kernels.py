@@ -182,8 +182,7 @@ def _norm_bwd_kernel(
                 s1, s2 = tl.reduce((xhat * wdy, wdy), 1, _add_pair)
                 dx = (wdy - xhat * (s1 / N)[:, None] - (s2 / N)[:, None]) * rstd
             if HAS_DRES:
-                dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(
-                    tl.float32)
+                dx += tl.load(DRES + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             # sums over the tile's rows: within each thread when the warps all lie along the row (which the
             # launch heuristic arranges), else through shared memory

@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5
-) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     # x (..., H); statistics in fp32 whatever the input dtype
     b = None if bias is None else bias.float()
     y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), b, eps)
@@ -27,15 +25,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return (xf * rstd * weight.float()).to(x.dtype)
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + residual, layer_norm(x + residual)), the sum in x's dtype."""
     total = x + residual
     return total, layer_norm(total, weight, bias, eps)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + residual, rms_norm(x + residual)), the sum in x's dtype."""
     total = x + residual
     return total, rms_norm(total, weight, eps)
@@ -57,8 +57,7 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(x.dtype)
 
 
-def rope_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, kv_heads: int
-                ) -> torch.Tensor:
+def rope_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, kv_heads: int) -> torch.Tensor:
     """Rotary embedding on the query and key heads of a packed (S, B, (n_heads + 2 kv_heads) * D) projection,
     interleaved pairs (x[2i], x[2i+1]) rotated by the (S, D/2) angles' cos/sin; value heads unchanged.
     fp32 math, one rounding to qkv's dtype."""

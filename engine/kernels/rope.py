@@ -55,8 +55,9 @@ def _rope_kernel(
     tl.store(y_ptr + 1, (x_even * s + x_odd * c).to(Y.dtype.element_ty), mask=mask)
 
 
-def _launch(x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, batch: int, heads: int, rotated: int,
-            sign: float) -> torch.Tensor:
+def _launch(
+    x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, batch: int, heads: int, rotated: int, sign: float
+) -> torch.Tensor:
     m, width = x2.shape
     half = width // heads // 2
     y = torch.empty((m, width), dtype=x2.dtype, device=x2.device)
@@ -95,8 +96,7 @@ class _RopePackedFunction(torch.autograd.Function):
         return dx.view(seq, batch, width), None, None, None, None
 
 
-def rope_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, kv_heads: int
-                ) -> torch.Tensor:
+def rope_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, kv_heads: int) -> torch.Tensor:
     """Rotate the query and key heads of qkv (S, B, (n_heads + 2 * kv_heads) * D) by positions 0..S-1.
 
     ``cos``/``sin`` are (>= S, D/2) fp32 tables (engine.model.positions.rope_tables). Returns a new tensor
@@ -107,12 +107,14 @@ def rope_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads
     heads = n_heads + 2 * kv_heads
     seq, _, width = qkv.shape
     if n_heads < 1 or kv_heads < 1 or width % heads or (width // heads) % 2:
-        raise ValueError(f"rope_packed: qkv last dim {width} is not n_heads + 2 * kv_heads = {heads} heads of an "
-                         "even head_dim")
+        raise ValueError(
+            f"rope_packed: qkv last dim {width} is not n_heads + 2 * kv_heads = {heads} heads of an even head_dim"
+        )
     half = width // heads // 2
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != half or cos.shape[0] < seq:
-        raise ValueError(f"rope_packed: cos/sin must be (>= {seq}, {half}), got {tuple(cos.shape)} and "
-                         f"{tuple(sin.shape)}")
+        raise ValueError(
+            f"rope_packed: cos/sin must be (>= {seq}, {half}), got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
     if not use_triton(qkv):
         return reference.rope_packed(qkv, cos, sin, n_heads, kv_heads)
     # (S, D/2) fp32 tables: tiny, so made contiguous (the kernel indexes both with one row stride)

@@ -18,8 +18,16 @@ def _jsonable(value):
 
 
 class MetricsWriter:
-    def __init__(self, log_dir: str, *, enabled: bool, tensorboard_dir: str | None = None,
-                 append: bool = False, wandb=None, run_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: str,
+        *,
+        enabled: bool,
+        tensorboard_dir: str | None = None,
+        append: bool = False,
+        wandb=None,
+        run_config: dict | None = None,
+    ) -> None:
         self.enabled = enabled
         self.path = os.path.join(log_dir, "metrics.jsonl")
         self._fh = None
@@ -86,8 +94,9 @@ def start_wandb(cfg, *, log_dir: str, run_config: dict | None):
     run_id = open(id_file, encoding="utf-8").read().strip() if os.path.isfile(id_file) else wandb.util.generate_id()
     with open(id_file, "w", encoding="utf-8") as fh:
         fh.write(run_id + "\n")
-    return wandb.init(project=cfg.project, group=cfg.group, entity=cfg.team, dir=log_dir, id=run_id,
-                      resume="allow", config=run_config)
+    return wandb.init(
+        project=cfg.project, group=cfg.group, entity=cfg.team, dir=log_dir, id=run_id, resume="allow", config=run_config
+    )
 
 
 def peak_memory_bytes(device) -> int:

@@ -8,16 +8,23 @@ from engine.model.transformer import Transformer
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt: torch.Tensor, *, max_new_tokens: int, top_k: int | None = 50,
-             temperature: float = 1.0, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model: Transformer,
+    prompt: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    top_k: int | None = 50,
+    temperature: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Extend ``prompt`` (B, T) by up to ``max_new_tokens``; the context is cropped to seq_len.
     ``top_k=None`` means greedy decoding."""
     was_training = model.training
     model.eval()
     ids = prompt
     for _ in range(max_new_tokens):
-        context = ids[:, -model.cfg.seq_len:]
+        context = ids[:, -model.cfg.seq_len :]
         logits = model(context)[:, -1, :].float()  # (B, V)
         if top_k is None:
             nxt = logits.argmax(dim=-1, keepdim=True)

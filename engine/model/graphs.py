@@ -38,8 +38,9 @@ def check_supported(cfg: TridentConfig, device: torch.device) -> None:
     if cfg.model.dropout > 0.0:
         reasons.append("model.dropout > 0 (dropout's RNG streams are forked on the host)")
     if reasons:
-        raise ConfigError("train.cuda_graphs: not available with " + "; ".join(reasons),
-                          hint="set train.cuda_graphs=false")
+        raise ConfigError(
+            "train.cuda_graphs: not available with " + "; ".join(reasons), hint="set train.cuda_graphs=false"
+        )
 
 
 class GraphedModel:
@@ -66,12 +67,17 @@ class GraphedModel:
             # make_graphed_callables warms up on a side stream with autograd.grad (parameter hooks do not
             # fire, so nothing accumulates) and then captures one forward and one backward.
             self._graphed = torch.cuda.make_graphed_callables(
-                self._forward_fn(), (ids.clone(), targets.clone()), num_warmup_iters=self.warmup_iters,
-                allow_unused_input=True)
+                self._forward_fn(),
+                (ids.clone(), targets.clone()),
+                num_warmup_iters=self.warmup_iters,
+                allow_unused_input=True,
+            )
             self._shapes = shapes
         elif shapes != self._shapes:
-            raise ValueError(f"train.cuda_graphs: captured for input shapes {self._shapes}, got {shapes} "
-                             "(every micro-batch must have the same shape)")
+            raise ValueError(
+                f"train.cuda_graphs: captured for input shapes {self._shapes}, got {shapes} "
+                "(every micro-batch must have the same shape)"
+            )
         # the replay's output is a static buffer that the next replay overwrites: hand out a copy
         return self._graphed(ids, targets).clone()
 

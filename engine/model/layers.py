@@ -63,8 +63,18 @@ class Norm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, layer: int, seed: int, group, sequence_parallel: bool,
-                 use_kernels: bool, selective_recompute: bool, rng=None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        layer: int,
+        seed: int,
+        group,
+        sequence_parallel: bool,
+        use_kernels: bool,
+        selective_recompute: bool,
+        rng=None,
+    ) -> None:
         super().__init__()
         tp = group_size(group)
         # Attention probabilities of this rank's heads are a TP region: masks must differ across TP ranks.
@@ -78,15 +88,30 @@ class Attention(nn.Module):
         bias = cfg.arch == "gpt2"
         std = cfg.init_std
         blocks = (cfg.n_heads * self.hd, cfg.kv_heads * self.hd, cfg.kv_heads * self.hd)
-        self.qkv = ColumnParallelLinear(cfg.d_model, sum(blocks), name=f"layers.{layer}.attn.qkv", seed=seed,
-                                        std=std, bias=bias, group=group, blocks=blocks,
-                                        sequence_parallel=sequence_parallel)
-        self.out = RowParallelLinear(cfg.n_heads * self.hd, cfg.d_model, name=f"layers.{layer}.attn.out",
-                                     seed=seed, std=std / math.sqrt(2 * cfg.n_layers), bias=bias, group=group,
-                                     sequence_parallel=sequence_parallel)
+        self.qkv = ColumnParallelLinear(
+            cfg.d_model,
+            sum(blocks),
+            name=f"layers.{layer}.attn.qkv",
+            seed=seed,
+            std=std,
+            bias=bias,
+            group=group,
+            blocks=blocks,
+            sequence_parallel=sequence_parallel,
+        )
+        self.out = RowParallelLinear(
+            cfg.n_heads * self.hd,
+            cfg.d_model,
+            name=f"layers.{layer}.attn.out",
+            seed=seed,
+            std=std / math.sqrt(2 * cfg.n_layers),
+            bias=bias,
+            group=group,
+            sequence_parallel=sequence_parallel,
+        )
         if cfg.pos == "alibi":
             rank = group_rank(group)
-            slopes = alibi_slopes(cfg.n_heads)[rank * self.h:(rank + 1) * self.h]
+            slopes = alibi_slopes(cfg.n_heads)[rank * self.h : (rank + 1) * self.h]
             self.register_buffer("alibi", slopes, persistent=False)
         else:
             self.alibi = None
@@ -104,10 +129,10 @@ class Attention(nn.Module):
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
         if self.alibi is not None:
             bias = alibi_bias(self.alibi, q.shape[2], device=q.device).to(q.dtype)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
-                                                  enable_gqa=self.kv != self.h)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                              enable_gqa=self.kv != self.h)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=dropout, enable_gqa=self.kv != self.h
+            )
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=self.kv != self.h)
 
     def _packed_core(self, qkv: torch.Tensor) -> torch.Tensor:
         """(S, B, (h + 2kv) * hd) -> (S, B, h * hd): the kernels read q/k/v and write the output and the
@@ -144,20 +169,36 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """gpt2: GELU(x W1) W2; llama: (SiLU(x Wg) * x Wu) Wd (SwiGLU, Shazeer 2020)."""
 
-    def __init__(self, cfg: ModelConfig, *, layer: int, seed: int, group, sequence_parallel: bool,
-                 use_kernels: bool = False) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, layer: int, seed: int, group, sequence_parallel: bool, use_kernels: bool = False
+    ) -> None:
         super().__init__()
         self.swiglu = cfg.arch == "llama"
         self.use_kernels = use_kernels
         bias = cfg.arch == "gpt2"
         ffn = cfg.ffn
         blocks = (ffn, ffn) if self.swiglu else (ffn,)
-        self.up = ColumnParallelLinear(cfg.d_model, sum(blocks), name=f"layers.{layer}.mlp.up", seed=seed,
-                                       std=cfg.init_std, bias=bias, group=group, blocks=blocks,
-                                       sequence_parallel=sequence_parallel)
-        self.down = RowParallelLinear(ffn, cfg.d_model, name=f"layers.{layer}.mlp.down", seed=seed,
-                                      std=cfg.init_std / math.sqrt(2 * cfg.n_layers), bias=bias, group=group,
-                                      sequence_parallel=sequence_parallel)
+        self.up = ColumnParallelLinear(
+            cfg.d_model,
+            sum(blocks),
+            name=f"layers.{layer}.mlp.up",
+            seed=seed,
+            std=cfg.init_std,
+            bias=bias,
+            group=group,
+            blocks=blocks,
+            sequence_parallel=sequence_parallel,
+        )
+        self.down = RowParallelLinear(
+            ffn,
+            cfg.d_model,
+            name=f"layers.{layer}.mlp.down",
+            seed=seed,
+            std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
+            bias=bias,
+            group=group,
+            sequence_parallel=sequence_parallel,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernels and self.swiglu:
@@ -183,16 +224,26 @@ def sequence_region(rng, sequence_parallel: bool):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, layer: int, seed: int, group, sequence_parallel: bool,
-                 use_kernels: bool, rng=None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, layer: int, seed: int, group, sequence_parallel: bool, use_kernels: bool, rng=None
+    ) -> None:
         super().__init__()
         self.recompute_full = cfg.recompute == "full"
         self.ln1 = Norm(cfg, use_kernels=use_kernels)
-        self.attn = Attention(cfg, layer=layer, seed=seed, group=group, sequence_parallel=sequence_parallel,
-                              use_kernels=use_kernels, selective_recompute=cfg.recompute == "selective", rng=rng)
+        self.attn = Attention(
+            cfg,
+            layer=layer,
+            seed=seed,
+            group=group,
+            sequence_parallel=sequence_parallel,
+            use_kernels=use_kernels,
+            selective_recompute=cfg.recompute == "selective",
+            rng=rng,
+        )
         self.ln2 = Norm(cfg, use_kernels=use_kernels)
-        self.mlp = MLP(cfg, layer=layer, seed=seed, group=group, sequence_parallel=sequence_parallel,
-                       use_kernels=use_kernels)
+        self.mlp = MLP(
+            cfg, layer=layer, seed=seed, group=group, sequence_parallel=sequence_parallel, use_kernels=use_kernels
+        )
         self.dropout = cfg.dropout
         self.rng, self.sequence_parallel = rng, sequence_parallel
 

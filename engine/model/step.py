@@ -14,8 +14,9 @@ class SingleStageRunner:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]], *, loss_scale: float,
-                         n_tokens: float) -> torch.Tensor:
+    def forward_backward(
+        self, batches: list[tuple[torch.Tensor, torch.Tensor]], *, loss_scale: float, n_tokens: float
+    ) -> torch.Tensor:
         """Back-propagate sum(token losses) * loss_scale / n_tokens per micro-batch; return the fp32
         sum of token losses over all micro-batches (the same value on every rank of the model)."""
         total = None

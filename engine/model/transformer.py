@@ -27,9 +27,19 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, seed: int, tp_group=None, sequence_parallel: bool = False,
-                 use_kernels: bool = False, first: bool = True, last: bool = True,
-                 layer_ids: list[int] | None = None, rng=None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        seed: int,
+        tp_group=None,
+        sequence_parallel: bool = False,
+        use_kernels: bool = False,
+        first: bool = True,
+        last: bool = True,
+        layer_ids: list[int] | None = None,
+        rng=None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.tp_group = tp_group
@@ -41,22 +51,32 @@ class Transformer(nn.Module):
         sp = self.sequence_parallel
         # The tied head on the last stage holds its own copy of the embedding (same init: same name).
         if first or (last and cfg.tie_embeddings):
-            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, padded_vocab=self.padded_vocab,
-                                                name="embed", seed=seed, std=cfg.init_std, group=tp_group,
-                                                sequence_parallel=sp)
+            self.embed = VocabParallelEmbedding(
+                cfg.vocab_size,
+                cfg.d_model,
+                padded_vocab=self.padded_vocab,
+                name="embed",
+                seed=seed,
+                std=cfg.init_std,
+                group=tp_group,
+                sequence_parallel=sp,
+            )
         if first and cfg.pos == "learned":
-            self.pos_embed = nn.Parameter(normal_full((cfg.seq_len, cfg.d_model), std=cfg.init_std, seed=seed,
-                                                      name="pos_embed.weight"))
+            self.pos_embed = nn.Parameter(
+                normal_full((cfg.seq_len, cfg.d_model), std=cfg.init_std, seed=seed, name="pos_embed.weight")
+            )
             self.pos_embed.tp_replicated, self.pos_embed.tp_dim, self.pos_embed.tp_sizes = True, None, None
         self.layers = nn.ModuleList(
             Block(cfg, layer=i, seed=seed, group=tp_group, sequence_parallel=sp, use_kernels=use_kernels, rng=rng)
-            for i in self.layer_ids)
+            for i in self.layer_ids
+        )
         self.rng = rng
         if last:
             self.final_norm = Norm(cfg, use_kernels=use_kernels)
             if not cfg.tie_embeddings:
-                self.head = ColumnParallelLinear(cfg.d_model, self.padded_vocab, name="head", seed=seed,
-                                                 std=cfg.init_std, bias=False, group=tp_group)
+                self.head = ColumnParallelLinear(
+                    cfg.d_model, self.padded_vocab, name="head", seed=seed, std=cfg.init_std, bias=False, group=tp_group
+                )
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, theta=cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -76,7 +96,7 @@ class Transformer(nn.Module):
                 # This rank's slice of positions; the replicated pos_embed's partial gradients are summed
                 # over the TP group with the other replicated parameters (DistGradSync).
                 chunk = S // self.tp_group.size
-                x = x + self.pos_embed[self.tp_group.rank * chunk:(self.tp_group.rank + 1) * chunk].unsqueeze(1)
+                x = x + self.pos_embed[self.tp_group.rank * chunk : (self.tp_group.rank + 1) * chunk].unsqueeze(1)
             else:
                 x = x + self.pos_embed[:S].unsqueeze(1)  # (S, 1, H) broadcast over the batch
         if not (self.training and self.cfg.dropout > 0.0):
@@ -108,11 +128,21 @@ class Transformer(nn.Module):
             from engine import kernels
 
             # the logits are dead after the loss: their storage takes the gradient (no second V-wide tensor)
-            return kernels.cross_entropy(logits.flatten(0, 1), targets.t().flatten(),
-                                         ignore_index=IGNORE_INDEX, reduction="sum", inplace_backward=True)
-        losses = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets.t().flatten(), group=self.tp_group,
-                                              vocab_start=start, vocab_size=self.cfg.vocab_size,
-                                              ignore_index=IGNORE_INDEX)
+            return kernels.cross_entropy(
+                logits.flatten(0, 1),
+                targets.t().flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+                inplace_backward=True,
+            )
+        losses = vocab_parallel_cross_entropy(
+            logits.flatten(0, 1),
+            targets.t().flatten(),
+            group=self.tp_group,
+            vocab_start=start,
+            vocab_size=self.cfg.vocab_size,
+            ignore_index=IGNORE_INDEX,
+        )
         return losses.sum()
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

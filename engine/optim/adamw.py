@@ -9,19 +9,45 @@ import math
 import torch
 
 
-def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
-                 lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-                 decoupled: bool = True, bias_correction: bool = True, grad_scale: float = 1.0,
-                 use_kernel: bool = False, out: torch.Tensor | None = None) -> None:
+def adamw_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    decoupled: bool = True,
+    bias_correction: bool = True,
+    grad_scale: float = 1.0,
+    use_kernel: bool = False,
+    out: torch.Tensor | None = None,
+) -> None:
     """One in-place update. ``grad`` is multiplied by ``grad_scale`` (unscale x clip) first. The caller has
     already checked that the gradients are finite (their global norm), so the kernel makes one pass.
     ``out`` (kernel path only: the caller copies otherwise) receives the updated weights in its dtype."""
     if use_kernel and decoupled and bias_correction:
         from engine import kernels
 
-        kernels.adamw_(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                       weight_decay=weight_decay, step=step, grad_scale=1.0 / grad_scale,
-                       check_finite=False, out=out)  # the caller skipped the step on a non-finite norm
+        kernels.adamw_(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            step=step,
+            grad_scale=1.0 / grad_scale,
+            check_finite=False,
+            out=out,
+        )  # the caller skipped the step on a non-finite norm
         return
     g = grad.float() * grad_scale if grad_scale != 1.0 else grad.float()
     if weight_decay != 0.0:

@@ -37,13 +37,22 @@ class FlatLayout:
         checkpoint is decoded into per-parameter tensors without the model (engine/checkpoint/reshard.py):
         names, shapes and offsets in the flat buffer, and each parameter's TP split (``tp_dim`` and the
         full block sizes ``tp_sizes``; None when replicated over TP)."""
-        tp = [None if getattr(p, "tp_dim", None) is None else (int(p.tp_dim), tuple(int(s) for s in p.tp_sizes))
-              for _, p in self.named_params]
-        return {"names": [n for n, _ in self.named_params], "shapes": [tuple(s) for s in self.shapes],
-                "offsets": list(self.offsets), "tp": tp, "numel": self.numel, "padded_numel": self.padded_numel}
+        tp = [
+            None if getattr(p, "tp_dim", None) is None else (int(p.tp_dim), tuple(int(s) for s in p.tp_sizes))
+            for _, p in self.named_params
+        ]
+        return {
+            "names": [n for n, _ in self.named_params],
+            "shapes": [tuple(s) for s in self.shapes],
+            "offsets": list(self.offsets),
+            "tp": tp,
+            "numel": self.numel,
+            "padded_numel": self.padded_numel,
+        }
 
-    def fill_from(self, flat: torch.Tensor, tensors: dict[str, torch.Tensor], *, lo: int = 0, hi: int | None = None
-                  ) -> None:
+    def fill_from(
+        self, flat: torch.Tensor, tensors: dict[str, torch.Tensor], *, lo: int = 0, hi: int | None = None
+    ) -> None:
         """Write ``tensors`` (name -> tensor shaped like the parameter) into ``flat``, which holds elements
         [lo, hi) of this layout (a ZeRO shard, or the whole buffer); padding is zeroed."""
         hi = self.padded_numel if hi is None else hi
@@ -51,23 +60,22 @@ class FlatLayout:
         for (name, _), off, shape in zip(self.named_params, self.offsets, self.shapes):
             a, b = max(off, lo), min(off + shape.numel(), hi)
             if a < b:
-                flat[a - lo:b - lo].copy_(tensors[name].reshape(-1)[a - off:b - off])
+                flat[a - lo : b - lo].copy_(tensors[name].reshape(-1)[a - off : b - off])
 
     def views(self, flat: torch.Tensor):
         """(param, view of ``flat`` shaped like param) pairs."""
         for (_, p), off, shape in zip(self.named_params, self.offsets, self.shapes):
-            yield p, flat[off:off + shape.numel()].view(shape)
+            yield p, flat[off : off + shape.numel()].view(shape)
 
 
 class FlatGroup(FlatLayout):
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], *, weight_decay: float,
-                 pad_to: int = 1) -> None:
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], *, weight_decay: float, pad_to: int = 1) -> None:
         super().__init__(named_params, pad_to=pad_to)
         self.weight_decay = weight_decay
         device = self.named_params[0][1].device if self.named_params else torch.device("cpu")
         self.master = torch.zeros(self.padded_numel, dtype=torch.float32, device=device)
         for (_, p), off in zip(self.named_params, self.offsets):
-            self.master[off:off + p.numel()].copy_(p.detach().reshape(-1))
+            self.master[off : off + p.numel()].copy_(p.detach().reshape(-1))
         self.grad = torch.zeros_like(self.master)
 
     compute: torch.Tensor | None = None  # flat compute-dtype storage the parameters alias, when set
@@ -86,8 +94,7 @@ class FlatGroup(FlatLayout):
 
     def compute_aliased(self) -> bool:
         """Whether every parameter still lives in ``compute`` (nothing replaced its storage since)."""
-        return self.compute is not None and all(
-            p.data_ptr() == view.data_ptr() for p, view in self.views(self.compute))
+        return self.compute is not None and all(p.data_ptr() == view.data_ptr() for p, view in self.views(self.compute))
 
     def copy_master_to_params(self) -> None:
         """Copy the masters into parameters that do not alias them (e.g. after the cast to bf16/fp16)."""

@@ -67,8 +67,12 @@ class DistGradSync:
         ranges = [(0, end)] if end else []
         emb = self._embedding_range(group) if self.embedding_group is not None else None
         if emb is not None and self.embedding_group.rank != 0:  # the last stage's copy: counted on the first
-            ranges = [r for start, stop in ranges
-                      for r in ((start, min(stop, emb[0])), (max(start, emb[1]), stop)) if r[0] < r[1]]
+            ranges = [
+                r
+                for start, stop in ranges
+                for r in ((start, min(stop, emb[0])), (max(start, emb[1]), stop))
+                if r[0] < r[1]
+            ]
         return ranges
 
     @property
@@ -83,11 +87,11 @@ class DistGradSync:
 
         for g in groups:
             if self.sequence_parallel and g.replicated_start < g.numel:
-                collectives.all_reduce(g.grad[g.replicated_start:g.numel], self.groups.tp)
+                collectives.all_reduce(g.grad[g.replicated_start : g.numel], self.groups.tp)
             if self.embedding_group is not None:
                 emb = self._embedding_range(g)
                 if emb is not None:
-                    collectives.all_reduce(g.grad[emb[0]:emb[1]], self.embedding_group)
+                    collectives.all_reduce(g.grad[emb[0] : emb[1]], self.embedding_group)
             if data_parallel and self.groups.dp.size > 1:
                 collectives.all_reduce(g.grad, self.groups.dp)
 
@@ -129,8 +133,7 @@ class OverlappedDPReduce:
     def _add(self, group, members, micro_batches: int) -> None:
         start = min(off for _, off in members)
         end = max(off + p.numel() for p, off in members)
-        bucket = {"grad": group.grad[start:end], "needed": len(members) * micro_batches, "seen": 0,
-                  "launched": False}
+        bucket = {"grad": group.grad[start:end], "needed": len(members) * micro_batches, "seen": 0, "launched": False}
         self.buckets.append(bucket)
         for p, _ in members:
             self.bucket_of[id(p)] = bucket

@@ -35,9 +35,17 @@ class StaticLossScaler:
 class DynamicLossScaler:
     dynamic = True
 
-    def __init__(self, *, initial_scale_power: int = 16, scale_window: int = 1000, hysteresis: int = 2,
-                 consecutive_hysteresis: bool = False, min_scale: float = 1.0, scale_factor: float = 2.0,
-                 raise_error_at_min_scale: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        initial_scale_power: int = 16,
+        scale_window: int = 1000,
+        hysteresis: int = 2,
+        consecutive_hysteresis: bool = False,
+        min_scale: float = 1.0,
+        scale_factor: float = 2.0,
+        raise_error_at_min_scale: bool = True,
+    ) -> None:
         self.scale = float(2**initial_scale_power)
         self.scale_window = scale_window
         self.delayed_shift = hysteresis
@@ -57,7 +65,8 @@ class DynamicLossScaler:
                     raise LossScaleCollapseError(
                         f"fp16 loss scale is at its floor (fp16.min_loss_scale={self.min_scale:g}) and gradients "
                         f"still overflow at step {self.cur_iter}",
-                        hint="lower the learning rate, use bf16, or roll back to an earlier checkpoint")
+                        hint="lower the learning rate, use bf16, or roll back to an earlier checkpoint",
+                    )
                 self.scale = max(self.scale / self.scale_factor, self.min_scale)
             else:
                 self.hysteresis -= 1
@@ -73,8 +82,12 @@ class DynamicLossScaler:
         self.cur_iter += 1
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "hysteresis": self.hysteresis, "cur_iter": self.cur_iter,
-                "last_overflow_iter": self.last_overflow_iter}
+        return {
+            "scale": self.scale,
+            "hysteresis": self.hysteresis,
+            "cur_iter": self.cur_iter,
+            "last_overflow_iter": self.last_overflow_iter,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.scale = float(state["scale"])
@@ -90,7 +103,11 @@ def build_loss_scaler(fp16_cfg, *, raise_at_floor: bool = True) -> StaticLossSca
         return StaticLossScaler(1.0)
     if fp16_cfg.loss_scale > 0:
         return StaticLossScaler(fp16_cfg.loss_scale)
-    return DynamicLossScaler(initial_scale_power=fp16_cfg.initial_scale_power,
-                             scale_window=fp16_cfg.loss_scale_window, hysteresis=fp16_cfg.hysteresis,
-                             consecutive_hysteresis=fp16_cfg.consecutive_hysteresis,
-                             min_scale=fp16_cfg.min_loss_scale, raise_error_at_min_scale=raise_at_floor)
+    return DynamicLossScaler(
+        initial_scale_power=fp16_cfg.initial_scale_power,
+        scale_window=fp16_cfg.loss_scale_window,
+        hysteresis=fp16_cfg.hysteresis,
+        consecutive_hysteresis=fp16_cfg.consecutive_hysteresis,
+        min_scale=fp16_cfg.min_loss_scale,
+        raise_error_at_min_scale=raise_at_floor,
+    )

@@ -20,17 +20,26 @@ from engine.optim.update import Segment, StepResult, adamw_step, check_gradients
 
 
 class MixedPrecisionOptimizer:
-    def __init__(self, model: nn.Module, opt_cfg: OptimizerConfig, *, clip: float, decay_embeddings: bool,
-                 use_kernels: bool = False, grad_sync: GradSync | None = None, reduce_bucket_size: int = 500_000_000,
-                 overlap_comm: bool = False, micro_batches: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        opt_cfg: OptimizerConfig,
+        *,
+        clip: float,
+        decay_embeddings: bool,
+        use_kernels: bool = False,
+        grad_sync: GradSync | None = None,
+        reduce_bucket_size: int = 500_000_000,
+        overlap_comm: bool = False,
+        micro_batches: int = 1,
+    ) -> None:
         self.cfg = opt_cfg
         self.clip = clip
         self.use_kernels = use_kernels
         self.sync = grad_sync or LocalGradSync()
         decay, no_decay = split_decay(list(model.named_parameters()), decay_embeddings=decay_embeddings)
         wd = opt_cfg.params.weight_decay
-        self.groups = [g for g in (FlatGroup(decay, weight_decay=wd), FlatGroup(no_decay, weight_decay=0.0))
-                       if g.numel]
+        self.groups = [g for g in (FlatGroup(decay, weight_decay=wd), FlatGroup(no_decay, weight_decay=0.0)) if g.numel]
         for g in self.groups:
             # Aliased while the model is fp32; the trainer's later cast to bf16/fp16 gives the parameters
             # their own storage, and copy_master_to_params then copies (it skips aliased views).
@@ -44,8 +53,9 @@ class MixedPrecisionOptimizer:
         if dp_group is not None:
             from engine.optim.grad_sync import OverlappedDPReduce
 
-            self.dp_reduce = OverlappedDPReduce(self.groups, dp_group, bucket_size=reduce_bucket_size,
-                                                micro_batches=micro_batches, overlap=overlap_comm)
+            self.dp_reduce = OverlappedDPReduce(
+                self.groups, dp_group, bucket_size=reduce_bucket_size, micro_batches=micro_batches, overlap=overlap_comm
+            )
         # Which parameters' fp32 gradient views hold this step's gradient. A view not yet written is
         # logically zero: its first gradient of the step is copied in (one read of the compute-dtype
         # gradient, one fp32 write) instead of added onto a zeroed buffer, so zero_grad needs no memset
@@ -121,8 +131,11 @@ class MixedPrecisionOptimizer:
         params = sum(p.numel() * p.element_size() for g in self.groups for _, p in g.named_params)
         aliased = all(p.data_ptr() == v.data_ptr() for g in self.groups for p, v in g.views(g.master))
         master = 0 if aliased else sum(g.master.numel() * 4 for g in self.groups)
-        return {"params": params, "grads": sum(g.grad.numel() * 4 for g in self.groups),
-                "optimizer": master + sum(8 * g.master.numel() for g in self.groups)}
+        return {
+            "params": params,
+            "grads": sum(g.grad.numel() * 4 for g in self.groups),
+            "optimizer": master + sum(8 * g.master.numel() for g in self.groups),
+        }
 
     def flatten_compute_params(self) -> None:
         """After the model's cast to bf16/fp16: one flat compute buffer per group (see FlatGroup)."""
@@ -156,9 +169,18 @@ class MixedPrecisionOptimizer:
         self.applied_steps += 1
         # the fused kernel writes the new compute-dtype weights straight into the model's flat storage
         fused = [g.compute if self.use_kernels and g.compute_aliased() else None for g in self.groups]
-        adamw_step([Segment(g.master, g.grad, g.exp_avg, g.exp_avg_sq, g.weight_decay, out)
-                    for g, out in zip(self.groups, fused)], self.cfg, lr=lr, step=self.applied_steps,
-                   loss_scale=loss_scale, result=result, use_kernels=self.use_kernels)
+        adamw_step(
+            [
+                Segment(g.master, g.grad, g.exp_avg, g.exp_avg_sq, g.weight_decay, out)
+                for g, out in zip(self.groups, fused)
+            ],
+            self.cfg,
+            lr=lr,
+            step=self.applied_steps,
+            loss_scale=loss_scale,
+            result=result,
+            use_kernels=self.use_kernels,
+        )
         for g, out in zip(self.groups, fused):
             if out is None:
                 g.copy_master_to_params()
@@ -176,17 +198,26 @@ class MixedPrecisionOptimizer:
 
     def state_dict(self) -> dict:
         return {
-            "applied_steps": self.applied_steps, "kind": "flat",
-            "groups": [{"names": [n for n, _ in g.named_params], "master": g.master.clone(),
-                        "exp_avg": g.exp_avg.clone(), "exp_avg_sq": g.exp_avg_sq.clone(), "layout": g.describe()}
-                       for g in self.groups],
+            "applied_steps": self.applied_steps,
+            "kind": "flat",
+            "groups": [
+                {
+                    "names": [n for n, _ in g.named_params],
+                    "master": g.master.clone(),
+                    "exp_avg": g.exp_avg.clone(),
+                    "exp_avg_sq": g.exp_avg_sq.clone(),
+                    "layout": g.describe(),
+                }
+                for g in self.groups
+            ],
         }
 
     def can_load(self, state: dict) -> bool:
         """Whether ``state`` has exactly this optimizer's flat layout (the fast, bit-exact path)."""
         saved = state.get("groups", [])
         return len(saved) == len(self.groups) and all(
-            s["names"] == [n for n, _ in g.named_params] for g, s in zip(self.groups, saved))
+            s["names"] == [n for n, _ in g.named_params] for g, s in zip(self.groups, saved)
+        )
 
     def param_layouts(self) -> list[dict]:
         """One ``FlatLayout.describe()`` per flat buffer: what ``load_logical`` fills."""
@@ -209,7 +240,7 @@ class MixedPrecisionOptimizer:
         for g, s in zip(self.groups, state["groups"]):
             names = [n for n, _ in g.named_params]
             if s["names"] != names:
-                bad = next((a for a, b in zip(names, s["names"]) if a != b), names[len(s["names"]):][:1])
+                bad = next((a for a, b in zip(names, s["names"]) if a != b), names[len(s["names"]) :][:1])
                 raise CheckpointError(f"optimizer state does not match the model at parameter {bad}")
             g.master.copy_(s["master"])
             g.exp_avg.copy_(s["exp_avg"])

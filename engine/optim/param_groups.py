@@ -12,8 +12,9 @@ def is_embedding(name: str) -> bool:
     return any(name == e or name.endswith("." + e) for e in EMBEDDING_NAMES)
 
 
-def split_decay(named_params: list[tuple[str, nn.Parameter]], *, decay_embeddings: bool = False
-                ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+def split_decay(
+    named_params: list[tuple[str, nn.Parameter]], *, decay_embeddings: bool = False
+) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """(decay, no_decay) lists of (name, param), in model order."""
     decay, no_decay = [], []
     for name, p in named_params:

@@ -31,8 +31,9 @@ def check_gradients(grad_sq_sum: float, *, loss_scale: float, clip: float) -> St
     (identically on every rank, since all see the same sum), else the norm and the clip coefficient
     (DeepSpeed / torch ``clip_grad_norm_``: max_norm / (norm + 1e-6) when that is below 1; ``clip`` 0: off)."""
     if not math.isfinite(grad_sq_sum):
-        return StepResult(skipped=True, grad_norm=float("nan") if math.isnan(grad_sq_sum) else float("inf"),
-                          clip_coef=1.0)
+        return StepResult(
+            skipped=True, grad_norm=float("nan") if math.isnan(grad_sq_sum) else float("inf"), clip_coef=1.0
+        )
     norm = math.sqrt(grad_sq_sum) / loss_scale
     clip_coef = min(1.0, clip / (norm + 1e-6)) if clip > 0.0 else 1.0
     return StepResult(skipped=False, grad_norm=norm, clip_coef=clip_coef)
@@ -51,12 +52,33 @@ class Segment:
     out: torch.Tensor | None = None
 
 
-def adamw_step(segments: Iterable[Segment], cfg: OptimizerConfig, *, lr: float, step: int, loss_scale: float,
-               result: StepResult, use_kernels: bool) -> None:
+def adamw_step(
+    segments: Iterable[Segment],
+    cfg: OptimizerConfig,
+    *,
+    lr: float,
+    step: int,
+    loss_scale: float,
+    result: StepResult,
+    use_kernels: bool,
+) -> None:
     """AdamW update ``step`` (1-based) of every segment, the gradients scaled by clip_coef / loss_scale."""
     p = cfg.params
     for s in segments:
-        adamw_update(s.master, s.grad, s.exp_avg, s.exp_avg_sq, lr=lr, beta1=p.betas[0], beta2=p.betas[1],
-                     eps=p.eps, weight_decay=s.weight_decay, step=step, decoupled=cfg.decoupled,
-                     bias_correction=p.bias_correction, grad_scale=result.clip_coef / loss_scale,
-                     use_kernel=use_kernels, out=s.out)
+        adamw_update(
+            s.master,
+            s.grad,
+            s.exp_avg,
+            s.exp_avg_sq,
+            lr=lr,
+            beta1=p.betas[0],
+            beta2=p.betas[1],
+            eps=p.eps,
+            weight_decay=s.weight_decay,
+            step=step,
+            decoupled=cfg.decoupled,
+            bias_correction=p.bias_correction,
+            grad_scale=result.clip_coef / loss_scale,
+            use_kernel=use_kernels,
+            out=s.out,
+        )

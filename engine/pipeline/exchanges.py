@@ -58,9 +58,7 @@ def _producer(op, *, stage: int, stages: int, chunks: int) -> tuple[int, int] | 
     return k % stages, k // stages
 
 
-def _timeline(
-    orders: Sequence[Sequence], *, stages: int, chunks: int
-) -> list[list[tuple[Fraction, Fraction]]]:
+def _timeline(orders: Sequence[Sequence], *, stages: int, chunks: int) -> list[list[tuple[Fraction, Fraction]]]:
     """ASAP (start, end) of every op in ``orders[s]``; raises if the orders cannot make progress."""
     ends: dict[tuple[int, type, int, int], Fraction] = {}  # (stage, kind, micro, chunk) -> end
     times: list[list[tuple[Fraction, Fraction]]] = [[] for _ in range(stages)]
@@ -91,9 +89,7 @@ def _timeline(
                 remaining -= 1
                 moved = True
         if not moved:
-            raise RuntimeError(
-                f"compute orders cannot progress: stuck at {[o[p] for o, p in zip(orders, pos)]}"
-            )
+            raise RuntimeError(f"compute orders cannot progress: stuck at {[o[p] for o, p in zip(orders, pos)]}")
     return times
 
 
@@ -135,9 +131,7 @@ def weave_exchanges(orders: Sequence[Sequence], *, stages: int, chunks: int) -> 
 
     streams: list[list[Instruction]] = []
     for s in range(stages):
-        items: list[tuple[Fraction, int, Instruction]] = [
-            (times[s][i][0], 1, op) for i, op in enumerate(orders[s])
-        ]
+        items: list[tuple[Fraction, int, Instruction]] = [(times[s][i][0], 1, op) for i, op in enumerate(orders[s])]
         for moment, ops in exchanges[s].items():
             # Sorted by message (and send before receive): the same order on both ends of a channel.
             ordered = sorted(ops, key=lambda kv: (kv[0], type(kv[1]).__name__))

@@ -122,8 +122,9 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------ public (SingleStageRunner's API)
 
-    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]], *, loss_scale: float,
-                         n_tokens: float) -> torch.Tensor:
+    def forward_backward(
+        self, batches: list[tuple[torch.Tensor, torch.Tensor]], *, loss_scale: float, n_tokens: float
+    ) -> torch.Tensor:
         """Back-propagate sum(token losses) * loss_scale / n_tokens per micro-batch; return the fp32 sum of
         token losses over the micro-batches, the same on every stage (broadcast from the last)."""
         total = torch.zeros((), dtype=torch.float32, device=batches[0][0].device)
@@ -143,11 +144,11 @@ class PipelineExecutor:
         key = (train, microbatches)
         if key not in self._streams:
             if train:
-                streams = build_all(self.schedule, stages=self.stages, microbatches=microbatches,
-                                    virtual_stages=self.virtual)
+                streams = build_all(
+                    self.schedule, stages=self.stages, microbatches=microbatches, virtual_stages=self.virtual
+                )
             else:
-                streams = build_forward_only(stages=self.stages, microbatches=microbatches,
-                                               virtual_stages=self.virtual)
+                streams = build_forward_only(stages=self.stages, microbatches=microbatches, virtual_stages=self.virtual)
             self._streams[key] = streams[self.stage]
         return self._streams[key]
 
@@ -191,8 +192,16 @@ class PipelineExecutor:
                 self.trace.append((*what, start, time.perf_counter()))
         for batch in state.posted:  # the last sends (and any receive no op needed: none in a valid stream)
             batch.complete()
-        leftovers = (state.pending, state.weight_pending, state.recv_act, state.recv_grad, state.send_act,
-                     state.send_grad, state.act_batch, state.grad_batch)
+        leftovers = (
+            state.pending,
+            state.weight_pending,
+            state.recv_act,
+            state.recv_grad,
+            state.send_act,
+            state.send_grad,
+            state.act_batch,
+            state.grad_batch,
+        )
         if any(leftovers):
             raise RuntimeError(f"pipeline stage {self.stage}: step ended with unconsumed tensors")
 
@@ -204,8 +213,9 @@ class PipelineExecutor:
             return None if self._is_first(op.chunk) else state.take(state.recv_act, state.act_batch, key)
         return None if self._is_last(op.chunk) else state.take(state.recv_grad, state.grad_batch, key)
 
-    def _forward(self, op: Forward, x: torch.Tensor | None, batches, state: _StepState, *, train: bool,
-                 scale: float | None) -> None:
+    def _forward(
+        self, op: Forward, x: torch.Tensor | None, batches, state: _StepState, *, train: bool, scale: float | None
+    ) -> None:
         key = (op.micro, op.chunk)
         model = self.chunks[op.chunk]
         ids, targets = batches[op.micro]

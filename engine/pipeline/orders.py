@@ -11,9 +11,7 @@ def check_order_args(stages: int, microbatches: int, stage: int) -> None:
     if stages < 1:
         raise ConfigError(f"parallel.pipeline must be at least 1, got {stages}")
     if microbatches < 1:
-        raise ConfigError(
-            f"gradient_accumulation_steps (micro-batches) must be at least 1, got {microbatches}"
-        )
+        raise ConfigError(f"gradient_accumulation_steps (micro-batches) must be at least 1, got {microbatches}")
     if not 0 <= stage < stages:
         raise ValueError(f"stage {stage} outside [0, {stages})")
 
@@ -47,9 +45,7 @@ def interleaved_op(k: int, *, stages: int, chunks: int, forward: bool) -> Forwar
     return Forward(micro, chunk) if forward else Backward(micro, chunks - 1 - chunk)
 
 
-def interleaved_order(
-    *, stages: int, microbatches: int, virtual_stages: int, stage: int
-) -> list[Forward | Backward]:
+def interleaved_order(*, stages: int, microbatches: int, virtual_stages: int, stage: int) -> list[Forward | Backward]:
     """Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM): bubble (p-1)/(v*m); needs m % p == 0."""
     check_order_args(stages, microbatches, stage)
     check_interleaved(stages=stages, microbatches=microbatches, virtual_stages=virtual_stages)

@@ -86,8 +86,7 @@ def _balanced_cuts(weights: Sequence[float], parts: int) -> list[int]:
         i = max(
             i
             for i in range(k - 1, j)
-            if piece(i, j) <= bound
-            and abs(sq[k - 1][i] + piece(i, j) ** 2 - sq[k][j]) <= 1e-9 * max(1.0, sq[k][j])
+            if piece(i, j) <= bound and abs(sq[k - 1][i] + piece(i, j) ** 2 - sq[k][j]) <= 1e-9 * max(1.0, sq[k][j])
         )
         sizes.append(j - i)
         j = i
@@ -110,9 +109,7 @@ def partition_layers(
     layer) plus ``embedding_params`` on the first chunk and ``head_params`` on the last.
     """
     if stages < 1 or virtual_stages < 1:
-        raise ConfigError(
-            f"parallel.pipeline={stages} and parallel.virtual_stages={virtual_stages} must be at least 1"
-        )
+        raise ConfigError(f"parallel.pipeline={stages} and parallel.virtual_stages={virtual_stages} must be at least 1")
     parts = stages * virtual_stages
     if parts > n_layers:
         raise ConfigError(

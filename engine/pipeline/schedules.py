@@ -56,28 +56,40 @@ from engine.pipeline.zero_bubble import zb_h1_orders
 
 # the instruction types and compute orders, importable from here as the public face of the schedules
 __all__ = [
-    "SCHEDULE_NAMES", "Backward", "BackwardWeight", "Compute", "Exchange", "Forward", "Instruction",
-    "OptimizerStep", "P2POp", "RecvActivation", "RecvGrad", "ReduceGrads", "SendActivation", "SendGrad",
-    "build_all", "build_forward_only", "check_interleaved", "gpipe_order", "interleaved_order",
-    "one_f_one_b_order", "schedule",
+    "SCHEDULE_NAMES",
+    "Backward",
+    "BackwardWeight",
+    "Compute",
+    "Exchange",
+    "Forward",
+    "Instruction",
+    "OptimizerStep",
+    "P2POp",
+    "RecvActivation",
+    "RecvGrad",
+    "ReduceGrads",
+    "SendActivation",
+    "SendGrad",
+    "build_all",
+    "build_forward_only",
+    "check_interleaved",
+    "gpipe_order",
+    "interleaved_order",
+    "one_f_one_b_order",
+    "schedule",
 ]
 
 SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
-def build_all(
-    name: str, *, stages: int, microbatches: int, virtual_stages: int = 1
-) -> list[list[Instruction]]:
+
+def build_all(name: str, *, stages: int, microbatches: int, virtual_stages: int = 1) -> list[list[Instruction]]:
     """Every stage's instruction stream for schedule ``name`` (one of SCHEDULE_NAMES); index = stage."""
     if name not in SCHEDULE_NAMES:
-        raise ConfigError(
-            f"parallel.pipeline_schedule: unknown schedule {name!r}", hint=", ".join(SCHEDULE_NAMES)
-        )
+        raise ConfigError(f"parallel.pipeline_schedule: unknown schedule {name!r}", hint=", ".join(SCHEDULE_NAMES))
     if name == "interleaved":
         check_interleaved(stages=stages, microbatches=microbatches, virtual_stages=virtual_stages)
         orders = [
-            interleaved_order(
-                stages=stages, microbatches=microbatches, virtual_stages=virtual_stages, stage=s
-            )
+            interleaved_order(stages=stages, microbatches=microbatches, virtual_stages=virtual_stages, stage=s)
             for s in range(stages)
         ]
         return weave_exchanges(orders, stages=stages, chunks=virtual_stages)

@@ -102,8 +102,9 @@ class _Stage:
 
     @property
     def done(self) -> bool:
-        return (self.index >= len(self.stream) and not self.waiting
-                and all(w.matched_at is not None for w in self.posted))
+        return (
+            self.index >= len(self.stream) and not self.waiting and all(w.matched_at is not None for w in self.posted)
+        )
 
 
 def _message(op: P2POp, *, stage: int, stages: int) -> tuple[tuple[str, int, int], int, int]:
@@ -251,9 +252,7 @@ def simulate(
         if split and st.weighted != st.backwarded:
             raise ScheduleError(f"stage {s}: backwards without weight passes: {sorted(st.backwarded - st.weighted)}")
         if st.forwarded != st.backwarded and not forward_only:
-            raise ScheduleError(
-                f"stage {s}: forwards without backwards: {sorted(st.forwarded - st.backwarded)}"
-            )
+            raise ScheduleError(f"stage {s}: forwards without backwards: {sorted(st.forwarded - st.backwarded)}")
     makespan = max((st.spans[-1].end for st in stages if st.spans), default=Fraction(0))
     return SimResult(
         stages=p,

@@ -35,8 +35,9 @@ def check_pipeline_layout(cfg: TridentConfig, *, dp: int) -> int:
 
 def stage_partition(cfg: TridentConfig) -> Partition:
     par = cfg.parallel
-    return partition_layers(cfg.model.n_layers, stages=par.pipeline, virtual_stages=par.virtual_stages,
-                            method=PARTITION_METHOD)
+    return partition_layers(
+        cfg.model.n_layers, stages=par.pipeline, virtual_stages=par.virtual_stages, method=PARTITION_METHOD
+    )
 
 
 def build_stage_model(cfg: TridentConfig, ctx, *, use_kernels: bool = False) -> nn.Module:
@@ -45,9 +46,16 @@ def build_stage_model(cfg: TridentConfig, ctx, *, use_kernels: bool = False) -> 
     check_pipeline_layout(cfg, dp=ctx.dp_size)
     tp_group = getattr(ctx.groups, "tp", None) if ctx.groups is not None else None
     chunks = [
-        Transformer(cfg.model, seed=cfg.train.seed, tp_group=tp_group,
-                    sequence_parallel=cfg.parallel.sequence_parallel, use_kernels=use_kernels,
-                    first=c.has_embedding, last=c.has_head, layer_ids=list(c.layers))
+        Transformer(
+            cfg.model,
+            seed=cfg.train.seed,
+            tp_group=tp_group,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            use_kernels=use_kernels,
+            first=c.has_embedding,
+            last=c.has_head,
+            layer_ids=list(c.layers),
+        )
         for c in stage_partition(cfg).chunks_of(ctx.pp_rank)
     ]
     return chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)

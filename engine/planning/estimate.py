@@ -8,8 +8,9 @@ from __future__ import annotations
 from engine.errors import ConfigError
 
 
-def zero_model_state_breakdown(params_per_device: float, stage: int, dp: int, *, param_bytes: int = 2,
-                               grad_bytes: int = 4) -> dict[str, float]:
+def zero_model_state_breakdown(
+    params_per_device: float, stage: int, dp: int, *, param_bytes: int = 2, grad_bytes: int = 4
+) -> dict[str, float]:
     """Model-state bytes per device as Trident holds them (Rajbhandari et al. 2019, with Trident's fp32
     gradients): parameters in the compute dtype (``param_bytes``), fp32 gradients, and 12 bytes of
     optimizer state (fp32 master, momentum, variance). Stage 1 shards the optimizer states across the dp
@@ -18,20 +19,27 @@ def zero_model_state_breakdown(params_per_device: float, stage: int, dp: int, *,
     the same numbers (with ``params_per_device`` padded to a multiple of dp per bucket)."""
     p = params_per_device
     optimizer = 8 * p if (stage == 0 and param_bytes == 4) else 12 * p
-    return {"params": param_bytes * p / (dp if stage == 3 else 1),
-            "grads": grad_bytes * p / (dp if stage >= 2 else 1),
-            "optimizer": optimizer / (dp if stage >= 1 else 1)}
+    return {
+        "params": param_bytes * p / (dp if stage == 3 else 1),
+        "grads": grad_bytes * p / (dp if stage >= 2 else 1),
+        "optimizer": optimizer / (dp if stage >= 1 else 1),
+    }
 
 
-def zero_model_state_bytes(params_per_device: float, stage: int, dp: int, *, param_bytes: int = 2,
-                           grad_bytes: int = 4) -> float:
+def zero_model_state_bytes(
+    params_per_device: float, stage: int, dp: int, *, param_bytes: int = 2, grad_bytes: int = 4
+) -> float:
     """Total of :func:`zero_model_state_breakdown`."""
-    return sum(zero_model_state_breakdown(params_per_device, stage, dp, param_bytes=param_bytes,
-                                          grad_bytes=grad_bytes).values())
+    return sum(
+        zero_model_state_breakdown(
+            params_per_device, stage, dp, param_bytes=param_bytes, grad_bytes=grad_bytes
+        ).values()
+    )
 
 
-def zero_comm_elements_per_step(params_per_device: float, stage: int, *, micro_batches: int = 1,
-                                kept: float = 0.0) -> float:
+def zero_comm_elements_per_step(
+    params_per_device: float, stage: int, *, micro_batches: int = 1, kept: float = 0.0
+) -> float:
     """Data-parallel elements moved per rank per step (all-reduce = reduce-scatter + all-gather): 2 Psi for
     stages 0-1; stage 2 reduce-scatters every micro-batch; stage 3 also gathers every layer twice per
     micro-batch (3 Psi per micro-batch, a little less since the embeddings are gathered once), except the
@@ -52,13 +60,18 @@ def stage3_kept_elements(cfg, *, tp: int, pp: int) -> tuple[int, float]:
     block = counts["non_embedding"] / (m.n_layers * tp)
     outer = counts["embedding"] / tp if pp == 1 else m.vocab_size * m.d_model / tp
     numel = [int(outer)] + [int(block)] * -(-m.n_layers // pp)
-    kept = kept_blocks(numel, computes_head=True, max_reuse_distance=zero.stage3_max_reuse_distance,
-                       max_live=zero.stage3_max_live_parameters)
+    kept = kept_blocks(
+        numel,
+        computes_head=True,
+        max_reuse_distance=zero.stage3_max_reuse_distance,
+        max_live=zero.stage3_max_live_parameters,
+    )
     return len(kept), float(sum(numel[u] for u in kept))
 
 
-def activation_bytes_per_layer(*, seq: int, micro_batch: int, hidden: int, heads: int, tp: int,
-                               sequence_parallel: bool, recompute: str) -> float:
+def activation_bytes_per_layer(
+    *, seq: int, micro_batch: int, hidden: int, heads: int, tp: int, sequence_parallel: bool, recompute: str
+) -> float:
     """16-bit activation memory of one transformer layer (Korthikanti et al. 2022, table 2)."""
     sbh = seq * micro_batch * hidden
     if recompute == "full":
@@ -122,18 +135,29 @@ def plan(cfg, *, world_size: int, tokens: float | None, mfu: float, peak_tflops:
     for stage in range(4):
         mark = " <- configured" if stage == cfg.zero_optimization.stage else ""
         parts = zero_model_state_breakdown(per_device, stage, dp, param_bytes=pbytes)
-        comm = zero_comm_elements_per_step(per_device, stage, micro_batches=batch.grad_accum,
-                                           kept=kept) if dp > 1 else 0
+        comm = (
+            zero_comm_elements_per_step(per_device, stage, micro_batches=batch.grad_accum, kept=kept) if dp > 1 else 0
+        )
         note = f" ({n_kept} blocks kept gathered forward to backward)" if stage == 3 and n_kept else ""
-        lines.append(f"  ZeRO stage {stage}     {_fmt_bytes(sum(parts.values()))} (params "
-                     f"{_fmt_bytes(parts['params'])}, grads {_fmt_bytes(parts['grads'])}, optimizer "
-                     f"{_fmt_bytes(parts['optimizer'])}); DP comm ~{_fmt_count(comm)} elements{note}{mark}")
+        lines.append(
+            f"  ZeRO stage {stage}     {_fmt_bytes(sum(parts.values()))} (params "
+            f"{_fmt_bytes(parts['params'])}, grads {_fmt_bytes(parts['grads'])}, optimizer "
+            f"{_fmt_bytes(parts['optimizer'])}); DP comm ~{_fmt_count(comm)} elements{note}{mark}"
+        )
     layers_per_stage = -(-m.n_layers // pp)
-    act = activation_bytes_per_layer(seq=m.seq_len, micro_batch=batch.micro_batch, hidden=m.d_model,
-                                     heads=m.n_heads, tp=tp, sequence_parallel=par.sequence_parallel,
-                                     recompute=m.recompute)
+    act = activation_bytes_per_layer(
+        seq=m.seq_len,
+        micro_batch=batch.micro_batch,
+        hidden=m.d_model,
+        heads=m.n_heads,
+        tp=tp,
+        sequence_parallel=par.sequence_parallel,
+        recompute=m.recompute,
+    )
     in_flight = pp if pp > 1 else 1  # 1F1B keeps up to pp micro-batches of activations on the first stage
     act_total = _fmt_bytes(act * layers_per_stage * in_flight)
-    lines.append(f"activations      {_fmt_bytes(act)} per layer per micro-batch; ~{act_total} per device"
-                 f" ({layers_per_stage} layers x {in_flight} in flight, recompute={m.recompute})")
+    lines.append(
+        f"activations      {_fmt_bytes(act)} per layer per micro-batch; ~{act_total} per device"
+        f" ({layers_per_stage} layers x {in_flight} in flight, recompute={m.recompute})"
+    )
     return lines

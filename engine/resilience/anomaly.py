@@ -32,23 +32,28 @@ class AnomalyDetector:
         self.spike_run = 0
         self.floor_run = 0
 
-    def observe(self, *, step: int, loss: float, grad_norm: float, skipped: bool,
-                scale_at_floor: bool) -> Trigger | None:
+    def observe(
+        self, *, step: int, loss: float, grad_norm: float, skipped: bool, scale_at_floor: bool
+    ) -> Trigger | None:
         cfg = self.cfg
         if cfg.on_nan and (not math.isfinite(loss) or (not math.isfinite(grad_norm) and not self.overflow_is_normal)):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             return Trigger(f"non-finite {what} at step {step}", step)
         self.floor_run = self.floor_run + 1 if (skipped and scale_at_floor) else 0
         if cfg.scale_floor_steps and self.floor_run >= cfg.scale_floor_steps:
-            return Trigger(f"fp16 loss scale at its floor with overflows for {self.floor_run} steps",
-                           step - self.floor_run + 1)
+            return Trigger(
+                f"fp16 loss scale at its floor with overflows for {self.floor_run} steps", step - self.floor_run + 1
+            )
         if cfg.spike_factor > 0 and len(self.history) >= min(MIN_HISTORY, cfg.spike_window):
             mean = sum(self.history) / len(self.history)
             if loss > cfg.spike_factor * mean:
                 self.spike_run += 1
                 if self.spike_run >= cfg.spike_patience:
-                    return Trigger(f"loss {loss:.4g} > {cfg.spike_factor:g} x moving average {mean:.4g} for "
-                                   f"{self.spike_run} step(s)", step - self.spike_run + 1)
+                    return Trigger(
+                        f"loss {loss:.4g} > {cfg.spike_factor:g} x moving average {mean:.4g} for "
+                        f"{self.spike_run} step(s)",
+                        step - self.spike_run + 1,
+                    )
                 return None  # a spiking loss does not enter the average
         self.spike_run = 0
         if math.isfinite(loss) and not skipped:

@@ -49,8 +49,9 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, group, vocab_start: int,
-                                 vocab_size: int, ignore_index: int = -100) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, *, group, vocab_start: int, vocab_size: int, ignore_index: int = -100
+) -> torch.Tensor:
     """Per-token losses (N,), zero where ``target == ignore_index``. ``logits``: (N, V_local)."""
     local_v = logits.shape[-1]
     pad_from = vocab_size - vocab_start  # local column where padding starts (may be >= local_v)

@@ -40,9 +40,19 @@ class ColumnParallelLinear(nn.Module):
     Output: (..., out/tp) local.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, name: str, seed: int, std: float,
-                 bias: bool, group=None, blocks: tuple[int, ...] | None = None,
-                 sequence_parallel: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        name: str,
+        seed: int,
+        std: float,
+        bias: bool,
+        group=None,
+        blocks: tuple[int, ...] | None = None,
+        sequence_parallel: bool = False,
+    ) -> None:
         super().__init__()
         self.group = group
         self.sequence_parallel = sequence_parallel
@@ -74,8 +84,18 @@ class RowParallelLinear(nn.Module):
     sequence with ``sequence_parallel``. The bias is replicated and added once, after the sum.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, name: str, seed: int, std: float,
-                 bias: bool, group=None, sequence_parallel: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        name: str,
+        seed: int,
+        std: float,
+        bias: bool,
+        group=None,
+        sequence_parallel: bool = False,
+    ) -> None:
         super().__init__()
         self.group = group
         self.sequence_parallel = sequence_parallel
@@ -110,8 +130,18 @@ class VocabParallelEmbedding(nn.Module):
     (all-reduce, or reduce-scatter along the sequence with ``sequence_parallel``).
     """
 
-    def __init__(self, vocab_size: int, dim: int, *, padded_vocab: int, name: str, seed: int, std: float,
-                 group=None, sequence_parallel: bool = False) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        *,
+        padded_vocab: int,
+        name: str,
+        seed: int,
+        std: float,
+        group=None,
+        sequence_parallel: bool = False,
+    ) -> None:
         super().__init__()
         self.group = group
         self.sequence_parallel = sequence_parallel
@@ -121,7 +151,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start = rank * self.per_rank
         full = torch.zeros(padded_vocab, dim)
         full[:vocab_size] = normal_full((vocab_size, dim), std=std, seed=seed, name=f"{name}.weight")
-        local = full[self.start:self.start + self.per_rank].clone()
+        local = full[self.start : self.start + self.per_rank].clone()
         self.weight = _mark(nn.Parameter(local), dim=0, sizes=(padded_vocab,))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ class _ScatterToSequence(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         chunk = x.shape[0] // group.size
-        return x[group.rank * chunk:(group.rank + 1) * chunk].contiguous()
+        return x[group.rank * chunk : (group.rank + 1) * chunk].contiguous()
 
     @staticmethod
     def backward(ctx, grad):

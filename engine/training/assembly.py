@@ -33,9 +33,14 @@ def build_model(cfg: TridentConfig, ctx: RunContext):
         return build_stage_model(cfg, ctx, use_kernels=use_kernels(cfg, ctx.device)).to(ctx.device)
     groups = ctx.groups
     tp_group = getattr(groups, "tp", None) if groups is not None else None
-    model = Transformer(cfg.model, seed=cfg.train.seed, tp_group=tp_group,
-                        sequence_parallel=cfg.parallel.sequence_parallel,
-                        use_kernels=use_kernels(cfg, ctx.device), rng=ctx.rng)
+    model = Transformer(
+        cfg.model,
+        seed=cfg.train.seed,
+        tp_group=tp_group,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        use_kernels=use_kernels(cfg, ctx.device),
+        rng=ctx.rng,
+    )
     return model.to(ctx.device)
 
 
@@ -66,13 +71,19 @@ def build_datasets(cfg: TridentConfig, ctx: RunContext, batch: BatchSizes, token
     evals = cfg.train.max_steps // cfg.train.eval_interval if cfg.train.eval_interval else 0
     n_valid = batch.global_batch * cfg.train.eval_iters if evals or cfg.train.eval_interval else 0
     kwargs = dict(
-        prefixes=[d.prefix for d in cfg.data.datasets], weights=[d.weight for d in cfg.data.datasets],
-        seq_len=seq, seed=cfg.data.seed, num_train_samples=n_train, num_valid_samples=n_valid,
+        prefixes=[d.prefix for d in cfg.data.datasets],
+        weights=[d.weight for d in cfg.data.datasets],
+        seq_len=seq,
+        seed=cfg.data.seed,
+        num_train_samples=n_train,
+        num_valid_samples=n_valid,
         valid_fraction=cfg.data.valid_fraction,
         valid_prefixes=[d.prefix for d in cfg.data.valid_datasets] or None,
         valid_weights=[d.weight for d in cfg.data.valid_datasets] or None,
-        cache_dir=cfg.data.cache_dir, vocab_size=cfg.model.vocab_size,
-        tokenizer_sha256=tokenizer.sha256 if (tokenizer is not None and cfg.data.tokenizer) else None)
+        cache_dir=cfg.data.cache_dir,
+        vocab_size=cfg.model.vocab_size,
+        tokenizer_sha256=tokenizer.sha256 if (tokenizer is not None and cfg.data.tokenizer) else None,
+    )
     if ctx.rank == 0:
         result = build(**kwargs, build_index=True)
     ctx.barrier()
@@ -102,8 +113,14 @@ def build_optimizer(cfg: TridentConfig, ctx: RunContext, model, grad_sync):
     from engine.optim.mixed_precision import MixedPrecisionOptimizer
 
     zero = cfg.zero_optimization
-    return MixedPrecisionOptimizer(model, cfg.optimizer, clip=cfg.gradient_clipping,
-                                   decay_embeddings=cfg.train.decay_embeddings,
-                                   use_kernels=use_kernels(cfg, ctx.device), grad_sync=grad_sync,
-                                   reduce_bucket_size=zero.reduce_bucket_size, overlap_comm=zero.overlap_comm,
-                                   micro_batches=resolve_batch(cfg, ctx.dp_size).grad_accum)
+    return MixedPrecisionOptimizer(
+        model,
+        cfg.optimizer,
+        clip=cfg.gradient_clipping,
+        decay_embeddings=cfg.train.decay_embeddings,
+        use_kernels=use_kernels(cfg, ctx.device),
+        grad_sync=grad_sync,
+        reduce_bucket_size=zero.reduce_bucket_size,
+        overlap_comm=zero.overlap_comm,
+        micro_batches=resolve_batch(cfg, ctx.dp_size).grad_accum,
+    )

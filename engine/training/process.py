@@ -17,8 +17,9 @@ from engine.tensor_parallel.random import RNGTracker
 from engine.training.context import RunContext, pick_device
 
 
-def build_context(cfg: TridentConfig, *, rank: int, world_size: int,
-                  local_rank: int = 0) -> tuple[RunContext, DistGradSync]:
+def build_context(
+    cfg: TridentConfig, *, rank: int, world_size: int, local_rank: int = 0
+) -> tuple[RunContext, DistGradSync]:
     """(RunContext, DistGradSync) for an initialised default process group."""
     topo = Topology(world_size, tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline)
     counter = CommCounter(("dp", "tp", "pp"))
@@ -26,11 +27,21 @@ def build_context(cfg: TridentConfig, *, rank: int, world_size: int,
     coord = topo.coords(rank)
     device = pick_device(cfg, local_rank)
     rng = RNGTracker(cfg.train.seed, tp_rank=coord.tp, device=device) if topo.tp > 1 else None
-    ctx = RunContext(rank=rank, world_size=world_size, device=device, groups=groups,
-                     dp_rank=coord.dp, dp_size=topo.dp, tp_rank=coord.tp, pp_rank=coord.pp, counter=counter,
-                     rng=rng)
-    return ctx, DistGradSync(groups, sequence_parallel=cfg.parallel.sequence_parallel,
-                            tied_embeddings=cfg.model.tie_embeddings)
+    ctx = RunContext(
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        groups=groups,
+        dp_rank=coord.dp,
+        dp_size=topo.dp,
+        tp_rank=coord.tp,
+        pp_rank=coord.pp,
+        counter=counter,
+        rng=rng,
+    )
+    return ctx, DistGradSync(
+        groups, sequence_parallel=cfg.parallel.sequence_parallel, tied_embeddings=cfg.model.tie_embeddings
+    )
 
 
 @contextlib.contextmanager

@@ -17,8 +17,10 @@ class RollbackGuard:
         self.cfg = cfg.resilience.rollback
         self.save_dir = cfg.train.save_dir
         if self.cfg.enabled and not (cfg.train.save_dir and cfg.train.save_interval):
-            raise ConfigError("resilience.rollback.enabled: needs train.save_dir and train.save_interval > 0 "
-                              "(there must be checkpoints to roll back to)")
+            raise ConfigError(
+                "resilience.rollback.enabled: needs train.save_dir and train.save_interval > 0 "
+                "(there must be checkpoints to roll back to)"
+            )
         dynamic_fp16 = cfg.fp16.enabled and cfg.fp16.loss_scale == 0
         self.detector = AnomalyDetector(self.cfg, overflow_is_normal=dynamic_fp16)
         self.min_scale = cfg.fp16.min_loss_scale if dynamic_fp16 else None
@@ -34,8 +36,13 @@ class RollbackGuard:
         if not self.cfg.enabled:
             return False
         at_floor = self.min_scale is not None and rec["loss_scale"] <= self.min_scale
-        trigger = self.detector.observe(step=rec["step"], loss=rec["loss"], grad_norm=rec["grad_norm"],
-                                        skipped=rec.get("skipped_now", False), scale_at_floor=at_floor)
+        trigger = self.detector.observe(
+            step=rec["step"],
+            loss=rec["loss"],
+            grad_norm=rec["grad_norm"],
+            skipped=rec.get("skipped_now", False),
+            scale_at_floor=at_floor,
+        )
         if trigger is None:
             return False
         self.rollback(trainer, reason=trigger.reason, before_step=trigger.first_bad_step)
@@ -43,8 +50,10 @@ class RollbackGuard:
 
     def rollback(self, trainer, *, reason: str, before_step: int) -> None:
         if len(self.interventions) >= self.cfg.max_rollbacks:
-            raise TridentError(f"resilience.rollback: {reason}; giving up after {len(self.interventions)} "
-                               "rollbacks", hint="inspect the data around these steps or lower the learning rate")
+            raise TridentError(
+                f"resilience.rollback: {reason}; giving up after {len(self.interventions)} rollbacks",
+                hint="inspect the data around these steps or lower the learning rate",
+            )
         consumed = trainer.loader.consumed_samples
         trainer.finalize_save()  # a checkpoint still being written in the background counts once committed
         path = store.latest_checkpoint(self.save_dir, warn=trainer.log.warning, before_step=before_step)
@@ -55,16 +64,27 @@ class RollbackGuard:
         trainer.loader.load_state_dict({"consumed_samples": consumed})  # skip the offending window
         self.lr_scale = lr_scale
         self.detector.reset_runs()
-        event = {"step": trainer.step, "event": "rollback", "reason": reason, "restored": path,
-                 "skipped_samples": [skipped_from, consumed], "lr_scale": lr_scale}
+        event = {
+            "step": trainer.step,
+            "event": "rollback",
+            "reason": reason,
+            "restored": path,
+            "skipped_samples": [skipped_from, consumed],
+            "lr_scale": lr_scale,
+        }
         self.interventions = history + [event]
         trainer.metrics.write(event)
-        trainer.log.warning(f"rollback: {reason}; restored {path}, skipped samples {skipped_from}..{consumed - 1}, "
-                            f"learning rate x{lr_scale:g}")
+        trainer.log.warning(
+            f"rollback: {reason}; restored {path}, skipped samples {skipped_from}..{consumed - 1}, "
+            f"learning rate x{lr_scale:g}"
+        )
 
     def state_dict(self) -> dict:
-        return {"lr_scale": self.lr_scale, "interventions": list(self.interventions),
-                "detector": self.detector.state_dict()}
+        return {
+            "lr_scale": self.lr_scale,
+            "interventions": list(self.interventions),
+            "detector": self.detector.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.lr_scale = float(state["lr_scale"])

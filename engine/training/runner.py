@@ -17,8 +17,9 @@ from engine.training.trainer import Trainer
 _COMM_ERROR_MARKS = ("gloo", "NCCL", "Connection reset", "Connection closed", "connection", "Broken pipe")
 
 
-def run_training(cfg: TridentConfig, *, resume: bool | str | None = None, fresh: bool = False,
-                 local_rank: int | None = None) -> dict:
+def run_training(
+    cfg: TridentConfig, *, resume: bool | str | None = None, fresh: bool = False, local_rank: int | None = None
+) -> dict:
     """Train ``cfg`` in this process as one rank of the launched job; returns the trainer's summary + rank."""
     info = discover()
     # A layout that needs more processes than were launched is refused, never silently run on fewer.
@@ -32,8 +33,9 @@ def run_training(cfg: TridentConfig, *, resume: bool | str | None = None, fresh:
 
     with distributed_context(cfg, info) as (ctx, grad_sync):
         with watchdog(cfg, rank=ctx.rank, world_size=ctx.world_size):
-            trainer = Trainer(cfg, ctx, log=RankLogger(ctx.rank, ctx.world_size), resume=resume, fresh=fresh,
-                              grad_sync=grad_sync)
+            trainer = Trainer(
+                cfg, ctx, log=RankLogger(ctx.rank, ctx.world_size), resume=resume, fresh=fresh, grad_sync=grad_sync
+            )
             summary = trainer.fit()
             # Leave together: a rank that stops heart-beating while a peer still works is not lost, and the
             # barrier keeps that window to one collective's length.
@@ -63,8 +65,14 @@ def watchdog(cfg: TridentConfig, *, rank: int, world_size: int) -> Iterator[obje
         return
     from engine.distributed.watchdog import Watchdog, default_store, store_host_rank  # noqa: PLC0415
 
-    dog = Watchdog(default_store(), rank=rank, world_size=world_size, timeout_s=res.heartbeat_timeout_s,
-                   interval_s=res.heartbeat_interval_s, store_host=store_host_rank()).start()
+    dog = Watchdog(
+        default_store(),
+        rank=rank,
+        world_size=world_size,
+        timeout_s=res.heartbeat_timeout_s,
+        interval_s=res.heartbeat_interval_s,
+        store_host=store_host_rank(),
+    ).start()
     try:
         yield dog
     except TridentError as err:

@@ -41,8 +41,16 @@ from engine.training.rollback import RollbackGuard
 
 
 class Trainer:
-    def __init__(self, cfg: TridentConfig, ctx: RunContext, *, log: RankLogger | None = None,
-                 resume: bool | str | None = None, fresh: bool = False, grad_sync: GradSync | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TridentConfig,
+        ctx: RunContext,
+        *,
+        log: RankLogger | None = None,
+        resume: bool | str | None = None,
+        fresh: bool = False,
+        grad_sync: GradSync | None = None,
+    ) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.log = log or RankLogger(ctx.rank, ctx.world_size)
         self.batch = resolve_batch(cfg, ctx.dp_size)
@@ -69,21 +77,31 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         self.pad_id = self.tokenizer.pad_id if self.tokenizer is not None and self.tokenizer.pad_id >= 0 else None
         train_ds, self.valid_ds = build_datasets(cfg, ctx, self.batch, self.tokenizer)
-        self.loader = StepLoader(train_ds, global_batch_size=self.batch.global_batch,
-                                 micro_batch_size=self.batch.micro_batch, dp_rank=ctx.dp_rank,
-                                 dp_size=ctx.dp_size)
+        self.loader = StepLoader(
+            train_ds,
+            global_batch_size=self.batch.global_batch,
+            micro_batch_size=self.batch.micro_batch,
+            dp_rank=ctx.dp_rank,
+            dp_size=ctx.dp_size,
+        )
         self.step = 0
         self.skipped = 0
         self.history: list[dict] = []
         self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops(
-            torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None, cfg.dtype_name)
+            torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None, cfg.dtype_name
+        )
         self.checkpoints = CheckpointManager(cfg, ctx, log=self.log)
         start_from = self.checkpoints.resume_path(cfg.train.resume if resume is None else resume, fresh)
         if start_from is not None:
             self.load(start_from)
-        self.metrics = MetricsWriter(cfg.train.log_dir, enabled=ctx.rank == 0, append=self.step > 0,
-                                     tensorboard_dir=self._tensorboard_dir(), wandb=cfg.wandb,
-                                     run_config=config_to_dict(cfg) if cfg.wandb.enabled else None)
+        self.metrics = MetricsWriter(
+            cfg.train.log_dir,
+            enabled=ctx.rank == 0,
+            append=self.step > 0,
+            tensorboard_dir=self._tensorboard_dir(),
+            wandb=cfg.wandb,
+            run_config=config_to_dict(cfg) if cfg.wandb.enabled else None,
+        )
 
     # ------------------------------------------------------------------ setup
 
@@ -96,12 +114,18 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped": self.skipped, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "loader": self.loader.state_dict(), "rng": capture_rng_state(),
-                "tp_rng": self.ctx.rng.state_dict() if self.ctx.rng is not None else None,
-                "resilience": self.guard.state_dict(),
-                "config": config_to_dict(self.cfg)}
+        return {
+            "step": self.step,
+            "skipped": self.skipped,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": capture_rng_state(),
+            "tp_rng": self.ctx.rng.state_dict() if self.ctx.rng is not None else None,
+            "resilience": self.guard.state_dict(),
+            "config": config_to_dict(self.cfg),
+        }
 
     def save(self) -> str:
         """Checkpoint the current step on all ranks (see CheckpointManager.save); returns its directory."""
@@ -146,8 +170,16 @@ class Trainer:
         self.scaler.update(result.skipped)
         self.skipped += int(result.skipped)
         self.step += 1
-        rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "loss_scale": scale,
-               "skipped": self.skipped, "skipped_now": result.skipped, "tokens": int(n_tokens)}
+        rec = {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "loss_scale": scale,
+            "skipped": self.skipped,
+            "skipped_now": result.skipped,
+            "tokens": int(n_tokens),
+        }
         if self.ctx.counter is not None:
             rec["comm_bytes"] = self.ctx.counter.snapshot()
             self.ctx.counter.reset()
@@ -158,9 +190,14 @@ class Trainer:
         if self.valid_ds is None:
             return None
         self.model.eval()
-        loader = StepLoader(self.valid_ds, global_batch_size=self.batch.global_batch,
-                            micro_batch_size=self.batch.micro_batch, dp_rank=self.ctx.dp_rank,
-                            dp_size=self.ctx.dp_size, prefetch=0)
+        loader = StepLoader(
+            self.valid_ds,
+            global_batch_size=self.batch.global_batch,
+            micro_batch_size=self.batch.micro_batch,
+            dp_rank=self.ctx.dp_rank,
+            dp_size=self.ctx.dp_size,
+            prefetch=0,
+        )
         total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
         for _ in range(self.cfg.train.eval_iters):
             if loader.consumed_samples + self.batch.global_batch > len(self.valid_ds):
@@ -204,8 +241,13 @@ class Trainer:
                 elapsed = time.perf_counter() - t_last
                 tps = steps_since * tokens_per_step / max(elapsed, 1e-9)
                 tflops, util = mfu(tps / self.ctx.world_size, cfg.model, self.peak_tflops)
-                rec.update(tokens_per_s=tps, tflops=tflops, mfu=util,
-                           peak_memory_bytes=peak_memory_bytes(self.ctx.device), step_time_s=elapsed / steps_since)
+                rec.update(
+                    tokens_per_s=tps,
+                    tflops=tflops,
+                    mfu=util,
+                    peak_memory_bytes=peak_memory_bytes(self.ctx.device),
+                    step_time_s=elapsed / steps_since,
+                )
                 if last_eval and cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                     rec.update(last_eval)
                 self.metrics.write(rec)
@@ -215,8 +257,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
                 bar.update(1)
             elif self.step % interval == 0:
-                log.info(f"step {self.step}/{max_steps} loss {rec['loss']:.4f} lr {rec['lr']:.3e} "
-                         f"grad_norm {rec['grad_norm']:.3f}")
+                log.info(
+                    f"step {self.step}/{max_steps} loss {rec['loss']:.4f} lr {rec['lr']:.3e} "
+                    f"grad_norm {rec['grad_norm']:.3f}"
+                )
             if cfg.train.save_dir and cfg.train.save_interval and self.step % cfg.train.save_interval == 0:
                 self.save()
         if bar is not None:
@@ -227,13 +271,16 @@ class Trainer:
         final = self.evaluate()  # overlaps an async save's write
         self.finalize_save()
         self.metrics.close()
-        return {"step": self.step, "loss": self.history[-1]["loss"] if self.history else None,
-                "eval": final, "skipped": self.skipped}
+        return {
+            "step": self.step,
+            "loss": self.history[-1]["loss"] if self.history else None,
+            "eval": final,
+            "skipped": self.skipped,
+        }
 
     def _progress_bar(self, total: int):
         if self.ctx.rank != 0 or not self.cfg.train.progress:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                    mininterval=0.5)
+        return tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)

@@ -28,8 +28,17 @@ def _intersect(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None
 
 
 class ShardedBucket(FlatLayout):
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], *, weight_decay: dict[str, float],
-                 dp_size: int, dp_rank: int, full_grad: bool, partitioned: bool, unit: int = 0) -> None:
+    def __init__(
+        self,
+        named_params: list[tuple[str, nn.Parameter]],
+        *,
+        weight_decay: dict[str, float],
+        dp_size: int,
+        dp_rank: int,
+        full_grad: bool,
+        partitioned: bool,
+        unit: int = 0,
+    ) -> None:
         super().__init__(named_params, pad_to=dp_size)
         self.partitioned = partitioned  # stage 3: the model holds only this rank's shard of the parameters
         self.unit = unit
@@ -44,7 +53,7 @@ class ShardedBucket(FlatLayout):
         self.exp_avg_sq = torch.zeros_like(self.master)
         # Stage 1 accumulates the whole bucket and reduce-scatters it in place; stages 2-3 keep the shard.
         self.grad_full = torch.zeros(self.padded_numel, dtype=torch.float32, device=device) if full_grad else None
-        self.grad = self.grad_full[self.lo:self.hi] if full_grad else torch.zeros_like(self.master)
+        self.grad = self.grad_full[self.lo : self.hi] if full_grad else torch.zeros_like(self.master)
         self.param_full: torch.Tensor | None = None  # compute-dtype storage of the gathered parameters
         self.param_shard: torch.Tensor | None = None  # stage 3: compute-dtype shard
         self.norm_segments: list[tuple[int, int]] = []  # shard-local ranges counted in the gradient norm
@@ -116,17 +125,29 @@ class ShardedBucket(FlatLayout):
 
     def model_state_bytes(self) -> dict[str, int]:
         if self.partitioned:
-            params = self.param_shard.numel() * self.param_shard.element_size() if self.param_shard is not None \
+            params = (
+                self.param_shard.numel() * self.param_shard.element_size()
+                if self.param_shard is not None
                 else self.shard_numel * self.compute_dtype().itemsize
+            )
         else:
             params = self.padded_numel * self.compute_dtype().itemsize
         grads = (self.grad_full if self.grad_full is not None else self.grad).numel() * 4
         return {"params": params, "grads": grads, "optimizer": 3 * 4 * self.shard_numel}
 
 
-def build_buckets(named_params: list[tuple[str, nn.Parameter]], *, weight_decay: dict[str, float], dp_size: int,
-                  dp_rank: int, bucket_size: int, full_grad: bool, unit: int = 0, partitioned: bool = False,
-                  isolate: tuple[str, ...] = ()) -> list[ShardedBucket]:
+def build_buckets(
+    named_params: list[tuple[str, nn.Parameter]],
+    *,
+    weight_decay: dict[str, float],
+    dp_size: int,
+    dp_rank: int,
+    bucket_size: int,
+    full_grad: bool,
+    unit: int = 0,
+    partitioned: bool = False,
+    isolate: tuple[str, ...] = (),
+) -> list[ShardedBucket]:
     """Buckets of at most ``bucket_size`` elements (at least one parameter each), filled in reverse model
     order (backward produces the last parameters' gradients first); inside a bucket the parameters with
     weight decay come first, so a bucket has at most a few ``wd_segments``. ``weight_decay`` maps every
@@ -145,5 +166,15 @@ def build_buckets(named_params: list[tuple[str, nn.Parameter]], *, weight_decay:
     if current:
         out.append(current)
     ordered = [sorted(members[::-1], key=lambda m: weight_decay[m[0]] == 0.0) for members in out]
-    return [ShardedBucket(members, weight_decay=weight_decay, dp_size=dp_size, dp_rank=dp_rank,
-                          full_grad=full_grad, unit=unit, partitioned=partitioned) for members in ordered]
+    return [
+        ShardedBucket(
+            members,
+            weight_decay=weight_decay,
+            dp_size=dp_size,
+            dp_rank=dp_rank,
+            full_grad=full_grad,
+            unit=unit,
+            partitioned=partitioned,
+        )
+        for members in ordered
+    ]

@@ -64,20 +64,41 @@ def build_zero_optimizer(cfg, ctx, model: nn.Module, grad_sync, *, use_kernels: 
             for persistent in (False, True):
                 chosen = [(n, p) for n, p in named if n in decays and (p.numel() < threshold) == persistent]
                 if chosen:
-                    unit += build_buckets(chosen, weight_decay=decays, bucket_size=ALL_IN_ONE, unit=i,
-                                          partitioned=not persistent, **common)
+                    unit += build_buckets(
+                        chosen,
+                        weight_decay=decays,
+                        bucket_size=ALL_IN_ONE,
+                        unit=i,
+                        partitioned=not persistent,
+                        **common,
+                    )
             units.append(unit)
             buckets += unit
     gatherer = None
     if stage == 3:
         from engine.zero.stage3 import ParamGatherer
 
-        gatherer = ParamGatherer(model, units, dp, prefetch_numel=zero.stage3_prefetch_bucket_size,
-                                 max_live_numel=zero.stage3_max_live_parameters,
-                                 max_reuse_distance=zero.stage3_max_reuse_distance,
-                                 hold_outer=cfg.parallel.pipeline > 1)
-    return ZeroOptimizer(buckets, cfg.optimizer, stage=stage, clip=cfg.gradient_clipping, grad_sync=sync,
-                         dp_group=dp, micro_batches=resolve_batch(cfg, ctx.dp_size).grad_accum,
-                         overlap_comm=zero.overlap_comm, use_kernels=use_kernels,
-                         gatherer=gatherer, allgather_bucket_size=zero.allgather_bucket_size, unit_of=unit_of,
-                         piece_numel=zero.reduce_bucket_size if pieces_by_unit else None)
+        gatherer = ParamGatherer(
+            model,
+            units,
+            dp,
+            prefetch_numel=zero.stage3_prefetch_bucket_size,
+            max_live_numel=zero.stage3_max_live_parameters,
+            max_reuse_distance=zero.stage3_max_reuse_distance,
+            hold_outer=cfg.parallel.pipeline > 1,
+        )
+    return ZeroOptimizer(
+        buckets,
+        cfg.optimizer,
+        stage=stage,
+        clip=cfg.gradient_clipping,
+        grad_sync=sync,
+        dp_group=dp,
+        micro_batches=resolve_batch(cfg, ctx.dp_size).grad_accum,
+        overlap_comm=zero.overlap_comm,
+        use_kernels=use_kernels,
+        gatherer=gatherer,
+        allgather_bucket_size=zero.allgather_bucket_size,
+        unit_of=unit_of,
+        piece_numel=zero.reduce_bucket_size if pieces_by_unit else None,
+    )

@@ -20,10 +20,23 @@ from engine.zero.reducer import BucketReducer
 
 
 class ZeroOptimizer:
-    def __init__(self, buckets: list[ShardedBucket], opt_cfg, *, stage: int, clip: float, grad_sync, dp_group,
-                 micro_batches: int, overlap_comm: bool, use_kernels: bool = False, gatherer=None,
-                 allgather_bucket_size: int = 1 << 62, unit_of: dict[int, int] | None = None,
-                 piece_numel: int | None = None) -> None:
+    def __init__(
+        self,
+        buckets: list[ShardedBucket],
+        opt_cfg,
+        *,
+        stage: int,
+        clip: float,
+        grad_sync,
+        dp_group,
+        micro_batches: int,
+        overlap_comm: bool,
+        use_kernels: bool = False,
+        gatherer=None,
+        allgather_bucket_size: int = 1 << 62,
+        unit_of: dict[int, int] | None = None,
+        piece_numel: int | None = None,
+    ) -> None:
         self.buckets = buckets
         self.cfg = opt_cfg
         self.stage = stage
@@ -42,9 +55,16 @@ class ZeroOptimizer:
             emb = getattr(grad_sync, "embedding_group", None)
             b.is_embedding = emb is not None and grad_sync._embedding_range(b) is not None
         done = gatherer.on_bucket_reduced if gatherer is not None else None
-        self.reducer = BucketReducer(buckets, dp_group, stage=stage, micro_batches=micro_batches,
-                                     overlap=overlap_comm, on_bucket_done=done, unit_of=unit_of,
-                                     piece_numel=piece_numel)
+        self.reducer = BucketReducer(
+            buckets,
+            dp_group,
+            stage=stage,
+            micro_batches=micro_batches,
+            overlap=overlap_comm,
+            on_bucket_done=done,
+            unit_of=unit_of,
+            piece_numel=piece_numel,
+        )
 
     def zero_grad(self) -> None:
         for b in self.buckets:
@@ -78,9 +98,19 @@ class ZeroOptimizer:
             self.zero_grad()
             return result
         self.applied_steps += 1
-        adamw_step((Segment(b.master[lo:hi], b.grad[lo:hi], b.exp_avg[lo:hi], b.exp_avg_sq[lo:hi], wd)
-                    for b in self.buckets for lo, hi, wd in b.wd_segments), self.cfg, lr=lr,
-                   step=self.applied_steps, loss_scale=loss_scale, result=result, use_kernels=self.use_kernels)
+        adamw_step(
+            (
+                Segment(b.master[lo:hi], b.grad[lo:hi], b.exp_avg[lo:hi], b.exp_avg_sq[lo:hi], wd)
+                for b in self.buckets
+                for lo, hi, wd in b.wd_segments
+            ),
+            self.cfg,
+            lr=lr,
+            step=self.applied_steps,
+            loss_scale=loss_scale,
+            result=result,
+            use_kernels=self.use_kernels,
+        )
         self._publish_params()
         self.zero_grad()
         return result
@@ -91,10 +121,13 @@ class ZeroOptimizer:
             if b.partitioned:
                 continue
             b.own_params()
-            local = b.param_full[b.lo:b.hi]
+            local = b.param_full[b.lo : b.hi]
             local.copy_(b.master)
-            handles.append(collectives.all_gather_in_pieces_async(b.param_full, local, self.dp_group,
-                                                                  max_numel=self.allgather_bucket_size))
+            handles.append(
+                collectives.all_gather_in_pieces_async(
+                    b.param_full, local, self.dp_group, max_numel=self.allgather_bucket_size
+                )
+            )
         for h in handles:
             h.wait()
         if self.gatherer is not None:
@@ -123,21 +156,33 @@ class ZeroOptimizer:
                     b.master[a:z].copy_(p.detach().reshape(-1)[pa:pz])
 
     def state_dict(self) -> dict:
-        return {"applied_steps": self.applied_steps, "stage": self.stage, "kind": "zero",
-                "dp": (self.dp_group.size, self.dp_group.rank),
-                "buckets": [{"names": [n for n, _ in b.named_params], "master": b.master.clone(),
-                             "exp_avg": b.exp_avg.clone(), "exp_avg_sq": b.exp_avg_sq.clone(),
-                             "layout": {**b.describe(), "lo": b.lo, "hi": b.hi}}
-                            for b in self.buckets]}
+        return {
+            "applied_steps": self.applied_steps,
+            "stage": self.stage,
+            "kind": "zero",
+            "dp": (self.dp_group.size, self.dp_group.rank),
+            "buckets": [
+                {
+                    "names": [n for n, _ in b.named_params],
+                    "master": b.master.clone(),
+                    "exp_avg": b.exp_avg.clone(),
+                    "exp_avg_sq": b.exp_avg_sq.clone(),
+                    "layout": {**b.describe(), "lo": b.lo, "hi": b.hi},
+                }
+                for b in self.buckets
+            ],
+        }
 
     def can_load(self, state: dict) -> bool:
         """Whether ``state`` was saved by this very sharding (stage, DP size and rank, buckets): the fast,
         bit-exact path. Anything else loads through engine/checkpoint/reshard.py."""
         saved = state.get("buckets", [])
-        return (state.get("stage") == self.stage
-                and tuple(state.get("dp", ())) == (self.dp_group.size, self.dp_group.rank)
-                and len(saved) == len(self.buckets)
-                and all(s["names"] == [n for n, _ in b.named_params] for b, s in zip(self.buckets, saved)))
+        return (
+            state.get("stage") == self.stage
+            and tuple(state.get("dp", ())) == (self.dp_group.size, self.dp_group.rank)
+            and len(saved) == len(self.buckets)
+            and all(s["names"] == [n for n, _ in b.named_params] for b, s in zip(self.buckets, saved))
+        )
 
     def param_layouts(self) -> list[dict]:
         """One layout per bucket: what ``load_logical`` fills (every parameter the bucket touches)."""
@@ -160,10 +205,12 @@ class ZeroOptimizer:
         from engine.errors import CheckpointError
 
         if not self.can_load(state):
-            raise CheckpointError(f"ZeRO state was saved with stage {state.get('stage')} on data-parallel "
-                                  f"(size, rank) {tuple(state.get('dp', ()))}, this run has stage {self.stage} "
-                                  f"on {(self.dp_group.size, self.dp_group.rank)} (or other buckets)",
-                                  hint="Trainer.load reshards such checkpoints (engine/checkpoint/reshard.py)")
+            raise CheckpointError(
+                f"ZeRO state was saved with stage {state.get('stage')} on data-parallel "
+                f"(size, rank) {tuple(state.get('dp', ()))}, this run has stage {self.stage} "
+                f"on {(self.dp_group.size, self.dp_group.rank)} (or other buckets)",
+                hint="Trainer.load reshards such checkpoints (engine/checkpoint/reshard.py)",
+            )
         for b, s in zip(self.buckets, state["buckets"]):
             b.master.copy_(s["master"])
             b.exp_avg.copy_(s["exp_avg"])

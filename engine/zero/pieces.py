@@ -64,8 +64,16 @@ def group_units(sizes: list[int], units: list[int], max_numel: int) -> list[int]
     return [-group_of[u] for u in units]
 
 
-def plan_pieces(offsets: list[int], sizes: list[int], units: list[int], *, padded_numel: int, dp_size: int,
-                dp_rank: int, max_numel: int | None = None) -> list[ReducePiece]:
+def plan_pieces(
+    offsets: list[int],
+    sizes: list[int],
+    units: list[int],
+    *,
+    padded_numel: int,
+    dp_size: int,
+    dp_rank: int,
+    max_numel: int | None = None,
+) -> list[ReducePiece]:
     """The pieces of one bucket, in the order backward completes them (highest unit first): member i sits
     at ``offsets[i]`` with ``sizes[i]`` elements and belongs to unit ``units[i]``. One piece when all the
     members share a unit. With ``max_numel``, consecutive units are merged into pieces of at most that many
@@ -98,7 +106,14 @@ def plan_pieces(offsets: list[int], sizes: list[int], units: list[int], *, padde
             if x < y:
                 mine.append((x - lo, y - lo, got))
                 got += y - x
-        pieces.append(ReducePiece(members=tuple(members), ranges=tuple(ranges), positions=tuple(positions),
-                                  splits=tuple(splits), mine=tuple(mine),
-                                  whole=ranges == [(0, padded_numel)]))
+        pieces.append(
+            ReducePiece(
+                members=tuple(members),
+                ranges=tuple(ranges),
+                positions=tuple(positions),
+                splits=tuple(splits),
+                mine=tuple(mine),
+                whole=ranges == [(0, padded_numel)],
+            )
+        )
     return pieces

@@ -26,9 +26,18 @@ MAX_IN_FLIGHT = 2  # pieces reduced concurrently before the oldest is waited on
 
 
 class BucketReducer:
-    def __init__(self, buckets: list[ShardedBucket], dp_group, *, stage: int, micro_batches: int, overlap: bool,
-                 on_bucket_done=None, unit_of: dict[int, int] | None = None,
-                 piece_numel: int | None = None) -> None:
+    def __init__(
+        self,
+        buckets: list[ShardedBucket],
+        dp_group,
+        *,
+        stage: int,
+        micro_batches: int,
+        overlap: bool,
+        on_bucket_done=None,
+        unit_of: dict[int, int] | None = None,
+        piece_numel: int | None = None,
+    ) -> None:
         self.buckets = buckets
         self.dp_group = dp_group
         self.stage = stage
@@ -37,10 +46,15 @@ class BucketReducer:
         unit_of = unit_of if overlap and stage >= 2 and unit_of is not None else {}
         self.pieces: dict[int, list[ReducePiece]] = {}
         for b in buckets:
-            self.pieces[id(b)] = plan_pieces(b.offsets, [s.numel() for s in b.shapes],
-                                             [unit_of.get(id(p), 0) for _, p in b.named_params],
-                                             padded_numel=b.padded_numel, dp_size=dp_group.size,
-                                             dp_rank=dp_group.rank, max_numel=piece_numel)
+            self.pieces[id(b)] = plan_pieces(
+                b.offsets,
+                [s.numel() for s in b.shapes],
+                [unit_of.get(id(p), 0) for _, p in b.named_params],
+                padded_numel=b.padded_numel,
+                dp_size=dp_group.size,
+                dp_rank=dp_group.rank,
+                max_numel=piece_numel,
+            )
         every = micro_batches if stage == 1 else 1
         self.needed = {id(pc): len(pc.members) * every for b in buckets for pc in self.pieces[id(b)]}
         self.seen = dict.fromkeys(self.needed, 0)
@@ -55,21 +69,22 @@ class BucketReducer:
             for piece in self.pieces[id(b)]:
                 for member, pos in zip(piece.members, piece.positions):
                     p = b.named_params[member][1]
-                    self.hooks.append(p.register_post_accumulate_grad_hook(
-                        self._make_hook(b, piece, b.offsets[member], pos)))
+                    self.hooks.append(
+                        p.register_post_accumulate_grad_hook(self._make_hook(b, piece, b.offsets[member], pos))
+                    )
 
     def _make_hook(self, bucket: ShardedBucket, piece: ReducePiece, offset: int, pos: int):
         def hook(p: torch.Tensor) -> None:
             g = p.grad.reshape(-1)
             if bucket.grad_full is not None:
-                bucket.grad_full[offset:offset + g.numel()].add_(g)
+                bucket.grad_full[offset : offset + g.numel()].add_(g)
             else:
                 base = self.staging.get(id(piece))
                 if base is None:
                     base = self.staging[id(piece)] = self._take(piece.numel, bucket.master.device)
                     self.staged_numel += piece.numel
                     self.peak_staged_numel = max(self.peak_staged_numel, self.staged_numel)
-                base[pos:pos + g.numel()].add_(g)
+                base[pos : pos + g.numel()].add_(g)
             p.grad = None
             self.seen[id(piece)] += 1
             if self.seen[id(piece)] == self.needed[id(piece)]:
@@ -96,9 +111,9 @@ class BucketReducer:
             send = bucket.grad_full
         else:
             base = self.staging.pop(id(piece))
-            send = base[:piece.numel]
+            send = base[: piece.numel]
         if piece.whole:  # rank r's part is its own slice: reduce in place
-            out = send[bucket.lo:bucket.hi]
+            out = send[bucket.lo : bucket.hi]
             handle = collectives.reduce_scatter_tensor_async(out, send, self.dp_group)
         else:
             out = torch.empty(piece.splits[self.dp_group.rank], dtype=send.dtype, device=send.device)
@@ -123,7 +138,7 @@ class BucketReducer:
                 bucket.grad.add_(out)
             else:
                 for lo, hi, at in piece.mine:
-                    bucket.grad[lo:hi].add_(out[at:at + hi - lo])
+                    bucket.grad[lo:hi].add_(out[at : at + hi - lo])
             if len(self.free) <= MAX_IN_FLIGHT:  # keep at most as many as can be in use at once
                 self.free.append(base)
 

@@ -43,8 +43,17 @@ UNBOUNDED = 1 << 62
 
 
 class ParamGatherer:
-    def __init__(self, model: nn.Module, units: list[list[ShardedBucket]], dp_group, *, prefetch_numel: int,
-                 max_live_numel: int = UNBOUNDED, max_reuse_distance: int = 0, hold_outer: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        units: list[list[ShardedBucket]],
+        dp_group,
+        *,
+        prefetch_numel: int,
+        max_live_numel: int = UNBOUNDED,
+        max_reuse_distance: int = 0,
+        hold_outer: bool = False,
+    ) -> None:
         self.units = [[b for b in unit if b.partitioned] for unit in units]
         self.dp_group = dp_group
         self.prefetch_numel = prefetch_numel
@@ -64,8 +73,9 @@ class ParamGatherer:
         self.chunk_of = [-1] + [c for c, _ in blocks]  # prefetch never crosses into another chunk
         numel = [sum(b.padded_numel for b in unit) for unit in self.units]
         computes_head = any(getattr(chunk, "final_norm", None) is not None for chunk in chunks)
-        self.kept = kept_blocks(numel, computes_head=computes_head, max_reuse_distance=max_reuse_distance,
-                                max_live=max_live_numel)
+        self.kept = kept_blocks(
+            numel, computes_head=computes_head, max_reuse_distance=max_reuse_distance, max_live=max_live_numel
+        )
         model.register_forward_pre_hook(lambda m, args: self._gather(0, direction=1))
         model.register_forward_hook(lambda m, args, out: None if torch.is_grad_enabled() else self.release(0))
         for chunk in chunks:
@@ -122,8 +132,10 @@ class ParamGatherer:
         if bucket.param_shard.dtype != dtype:  # the trainer cast the model after building the optimizer
             bucket.param_shard = bucket.master.to(dtype)
         full = torch.empty(bucket.padded_numel, dtype=dtype, device=bucket.master.device)
-        self.in_flight[id(bucket)] = (full, collectives.all_gather_into_tensor_async(full, bucket.param_shard,
-                                                                                     self.dp_group))
+        self.in_flight[id(bucket)] = (
+            full,
+            collectives.all_gather_into_tensor_async(full, bucket.param_shard, self.dp_group),
+        )
 
     def _gather(self, unit: int, *, direction: int) -> None:
         for b in self.units[unit]:
@@ -172,7 +184,7 @@ class ParamGatherer:
         """After ``model.load_state_dict``: keep this rank's shard of the loaded values."""
         for unit in self.units:
             for b in unit:
-                b.param_shard = b.param_full[b.lo:b.hi].clone()
+                b.param_shard = b.param_full[b.lo : b.hi].clone()
         self.release_all()
 
     def wait_all(self) -> None:

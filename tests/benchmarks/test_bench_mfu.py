@@ -17,8 +17,10 @@ def test_bench_config_is_the_preset():
 def test_mfu_bench_prints_both_runs_and_their_ratio(capsys):
     assert main(["--model", "tiny", "--seq", "32", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
-    rows = {m.group(1): float(m.group(2).replace(",", ""))
-            for m in re.finditer(r"^\| (trident|pytorch) \| [\d.]+ \| ([\d,]+) \|", out, re.M)}
+    rows = {
+        m.group(1): float(m.group(2).replace(",", ""))
+        for m in re.finditer(r"^\| (trident|pytorch) \| [\d.]+ \| ([\d,]+) \|", out, re.M)
+    }
     assert set(rows) == {"trident", "pytorch"} and all(v > 0 for v in rows.values())
     assert re.search(r"^trident / baseline throughput: [\d.]+x$", out, re.M)
     assert "GPU figures are unmeasured" in out

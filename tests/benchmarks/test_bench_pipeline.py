@@ -31,8 +31,23 @@ def test_interleaved_report_and_png(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_measure_runs_the_executor_and_reports_idle_next_to_formula(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--stages", "2", "--microbatches", "2", "--measure", "--steps", "1", "--d-model", "32",
-            "--seq-len", "16", "--micro-batch", "2", "--layers-per-chunk", "1"]
+    argv = [
+        "--stages",
+        "2",
+        "--microbatches",
+        "2",
+        "--measure",
+        "--steps",
+        "1",
+        "--d-model",
+        "32",
+        "--seq-len",
+        "16",
+        "--micro-batch",
+        "2",
+        "--layers-per-chunk",
+        "1",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     start = out.index(next(line for line in out if line.startswith("measured: 2 gloo ranks")))
@@ -40,7 +55,9 @@ def test_measure_runs_the_executor_and_reports_idle_next_to_formula(capsys: pyte
     last = out[-1]
     assert re.fullmatch(
         r"measured idle fraction: (\d+\.\d{4}) \(steps: \d+\.\d{3}\)   simulated at these op times: "
-        r"\d+\.\d{4}   formula: 1/2 = 0\.5000", last), last
+        r"\d+\.\d{4}   formula: 1/2 = 0\.5000",
+        last,
+    ), last
     assert float(last.split()[3]) > 0  # a real pipeline of 2 stages always idles
 
 

@@ -26,8 +26,15 @@ ENOSPC = OSError(28, "No space left on device")
 
 
 def _train(save_dir, *, steps=6, interval=3, async_save=True, **extra):
-    return {"max_steps": steps, "log_interval": 1, "progress": False, "save_dir": str(save_dir),
-            "save_interval": interval, "async_save": async_save, **extra}
+    return {
+        "max_steps": steps,
+        "log_interval": 1,
+        "progress": False,
+        "save_dir": str(save_dir),
+        "save_interval": interval,
+        "async_save": async_save,
+        **extra,
+    }
 
 
 def _same(a, b, path="state") -> None:
@@ -130,8 +137,9 @@ def test_async_checkpoints_equal_sync_ones_and_resume_bit_exact(tmp_path, capsys
     second = make_trainer(make_config(tmp_path / "first", train=_train(tmp_path / "ckpt")), resume=True)
     assert second.step == 3
     second.fit()
-    assert [(r["loss"], r["grad_norm"]) for r in second.history] == \
-        [(r["loss"], r["grad_norm"]) for r in straight.history[3:]]
+    assert [(r["loss"], r["grad_norm"]) for r in second.history] == [
+        (r["loss"], r["grad_norm"]) for r in straight.history[3:]
+    ]
     for a, b in zip(straight.model.parameters(), second.model.parameters()):
         assert torch.equal(a, b)
 
@@ -229,8 +237,9 @@ def test_failing_writer_raises_checkpoint_error_naming_the_file(tmp_path, monkey
 def test_rollback_sees_the_checkpoint_in_flight(tmp_path):
     # NaN at step 6: the step-4 save is still being written when the guard looks for a checkpoint before
     # step 6; it is committed first, so the rollback restores step 4 (not step 2), as with sync saves.
-    cfg = make_config(tmp_path, train=_train(tmp_path / "ckpt", steps=8, interval=2),
-                      resilience={"rollback": {"enabled": True}})
+    cfg = make_config(
+        tmp_path, train=_train(tmp_path / "ckpt", steps=8, interval=2), resilience={"rollback": {"enabled": True}}
+    )
     trainer = make_trainer(cfg)
     forward = trainer.model.forward
 
@@ -256,8 +265,9 @@ def _two_rank_worker(rank, world, args):
     root = pathlib.Path(args["tmp"])
 
     def trainer(name, **train):
-        cfg = make_config(root / name / f"log{rank}", zero_optimization={"stage": 1},
-                          train=_train(root / name / "ckpt", **train))
+        cfg = make_config(
+            root / name / f"log{rank}", zero_optimization={"stage": 1}, train=_train(root / name / "ckpt", **train)
+        )
         ctx, sync = build_context(cfg, rank=rank, world_size=world)
         return Trainer(cfg, ctx, log=RankLogger(rank, world), grad_sync=sync)
 
@@ -272,8 +282,10 @@ def _two_rank_worker(rank, world, args):
         manifest = json.loads((path / "manifest.json").read_text())
         out[f"shards{step}"] = sorted(manifest["shards"])
         out[f"verify{step}"] = store.verify_checkpoint(str(path))
-        _same(_without_config(store.load_shard(str(path), rank)),
-              _without_config(store.load_shard(str(root / "sync" / "ckpt" / store.step_dir_name(step)), rank)))
+        _same(
+            _without_config(store.load_shard(str(path), rank)),
+            _without_config(store.load_shard(str(root / "sync" / "ckpt" / store.step_dir_name(step)), rank)),
+        )
     out["latest"] = _latest(root / "async" / "ckpt")
     # rank 1's disk is full at step 4: both ranks raise, nothing is committed
     save = torch.save
@@ -324,5 +336,6 @@ def test_two_ranks_commit_both_shards_and_agree_on_failure(tmp_path):
         assert res["resumed_latest"] == "step_00000004"
     shard = tmp_path / "fail" / "ckpt" / ".tmp_step_00000004" / "rank_00001.pt"
     assert results[1]["fail_error"].startswith(f"{shard}: writing the checkpoint failed (No space left on device)")
-    assert results[0]["fail_error"].startswith(f"{tmp_path / 'fail' / 'ckpt' / 'step_00000004'}: another rank "
-                                               "failed writing its shard")
+    assert results[0]["fail_error"].startswith(
+        f"{tmp_path / 'fail' / 'ckpt' / 'step_00000004'}: another rank failed writing its shard"
+    )

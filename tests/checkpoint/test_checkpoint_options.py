@@ -35,11 +35,16 @@ def test_load_from_fp32_weights(tmp_path, stage):
     rounded = saved.to(torch.bfloat16).float()
     assert not torch.equal(saved, rounded)  # the masters hold more than bf16 can
 
-    exact = make_trainer(make_config(tmp_path, bf16={"enabled": True}, train=train, zero_optimization=zero),
-                         resume=True)
+    exact = make_trainer(
+        make_config(tmp_path, bf16={"enabled": True}, train=train, zero_optimization=zero), resume=True
+    )
     torch.testing.assert_close(_masters(exact), saved, rtol=0, atol=0)
-    lossy = make_trainer(make_config(tmp_path, bf16={"enabled": True}, train=train,
-                                     zero_optimization={**zero, "load_from_fp32_weights": False}), resume=True)
+    lossy = make_trainer(
+        make_config(
+            tmp_path, bf16={"enabled": True}, train=train, zero_optimization={**zero, "load_from_fp32_weights": False}
+        ),
+        resume=True,
+    )
     torch.testing.assert_close(_masters(lossy), rounded, rtol=0, atol=0)
 
 
@@ -48,10 +53,16 @@ def _zero3_worker(rank, world_size, args):
     from engine.training.process import build_context
     from engine.training.trainer import Trainer
 
-    cfg = make_config(args["tmp"], bf16={"enabled": True},
-                      train={"max_steps": 2, "log_interval": 1, "progress": False, "save_dir": args["ckpt"]},
-                      zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0,
-                                         "stage3_gather_16bit_weights_on_model_save": args["gather"]})
+    cfg = make_config(
+        args["tmp"],
+        bf16={"enabled": True},
+        train={"max_steps": 2, "log_interval": 1, "progress": False, "save_dir": args["ckpt"]},
+        zero_optimization={
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": args["gather"],
+        },
+    )
     ctx, sync = build_context(cfg, rank=rank, world_size=world_size)
     Trainer(cfg, ctx, log=RankLogger(rank, world_size), grad_sync=sync).fit()
     return None

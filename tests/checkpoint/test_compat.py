@@ -22,8 +22,9 @@ def _fixture_trainer(tmp_path):
     save_dir = tmp_path / "ckpt"
     shutil.copytree(FIXTURE / "ckpt", save_dir)
     raw = recorded["config"]
-    cfg = make_config(tmp_path, **{k: v for k, v in raw.items() if k != "train"},
-                      train={**raw["train"], "save_dir": str(save_dir)})
+    cfg = make_config(
+        tmp_path, **{k: v for k, v in raw.items() if k != "train"}, train={**raw["train"], "save_dir": str(save_dir)}
+    )
     return make_trainer(cfg, resume=True), recorded, save_dir
 
 

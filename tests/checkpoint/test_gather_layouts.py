@@ -30,18 +30,31 @@ LAYOUTS = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2), (2, 2, 2)]  # (tp, pp, vi
 
 def _config(tmp, model, tp, pp, v):
     raw = raw_config(tmp, {**model, "n_layers": 4})
-    raw["parallel"] = {"tensor": tp, "pipeline": pp, "virtual_stages": v,
-                       "pipeline_schedule": "interleaved" if v > 1 else "1f1b"}
+    raw["parallel"] = {
+        "tensor": tp,
+        "pipeline": pp,
+        "virtual_stages": v,
+        "pipeline_schedule": "interleaved" if v > 1 else "1f1b",
+    }
     return parse_config(raw)
 
 
 def _rank_model(cfg, *, tp_rank: int, pp_rank: int) -> nn.Module:
     par = cfg.parallel
     group = types.SimpleNamespace(size=par.tensor, rank=tp_rank) if par.tensor > 1 else None
-    chunks = [Transformer(cfg.model, seed=cfg.train.seed, tp_group=group, first=c.has_embedding,
-                          last=c.has_head, layer_ids=list(c.layers))
-              for c in partition_layers(cfg.model.n_layers, stages=par.pipeline,
-                                        virtual_stages=par.virtual_stages).chunks_of(pp_rank)]
+    chunks = [
+        Transformer(
+            cfg.model,
+            seed=cfg.train.seed,
+            tp_group=group,
+            first=c.has_embedding,
+            last=c.has_head,
+            layer_ids=list(c.layers),
+        )
+        for c in partition_layers(cfg.model.n_layers, stages=par.pipeline, virtual_stages=par.virtual_stages).chunks_of(
+            pp_rank
+        )
+    ]
     return chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
 
 
@@ -57,8 +70,13 @@ def write_checkpoint(cfg, path, *, dp: int = 2) -> None:
         fname = f"rank_{rank:05d}.pt"
         torch.save({"model": model.state_dict(), "config": config_to_dict(cfg)}, path / fname)
         shards[fname] = hashlib.sha256((path / fname).read_bytes()).hexdigest()
-    manifest = {"format_version": 1, "step": 1, "world_size": topo.world_size, "shards": shards,
-                "layout": {"dp": dp, "tp": par.tensor, "pp": par.pipeline, "world_size": topo.world_size}}
+    manifest = {
+        "format_version": 1,
+        "step": 1,
+        "world_size": topo.world_size,
+        "shards": shards,
+        "layout": {"dp": dp, "tp": par.tensor, "pp": par.pipeline, "world_size": topo.world_size},
+    }
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 

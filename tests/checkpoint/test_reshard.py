@@ -26,30 +26,44 @@ from tests.multiproc import run_ranks
 SAVE_AT, STEPS = 3, 6
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "ckpt_v1"
 LAYOUTS = {  # name: (tp, pp, virtual_stages, zero stage)
-    "single": (1, 1, 1, 0), "dp4_z1": (1, 1, 1, 1), "tp2_dp2_z3": (2, 1, 1, 3), "pp2v2_dp2_z2": (1, 2, 2, 2),
-    "tp2_pp2": (2, 2, 1, 0), "fix_tp2_dp2_z3": (2, 1, 1, 3),
+    "single": (1, 1, 1, 0),
+    "dp4_z1": (1, 1, 1, 1),
+    "tp2_dp2_z3": (2, 1, 1, 3),
+    "pp2v2_dp2_z2": (1, 2, 2, 2),
+    "tp2_pp2": (2, 2, 1, 0),
+    "fix_tp2_dp2_z3": (2, 1, 1, 3),
 }
 # (source run, destination layout) in the order the 4-rank worker runs them; a move saves under
 # "<source>-<destination>", so moves chain
-MOVES = [("dp4_z1", "tp2_dp2_z3"), ("dp4_z1-tp2_dp2_z3", "pp2v2_dp2_z2"),
-         ("dp4_z1-tp2_dp2_z3-pp2v2_dp2_z2", "dp4_z1"), ("single", "tp2_pp2")]
+MOVES = [
+    ("dp4_z1", "tp2_dp2_z3"),
+    ("dp4_z1-tp2_dp2_z3", "pp2v2_dp2_z2"),
+    ("dp4_z1-tp2_dp2_z3-pp2v2_dp2_z2", "dp4_z1"),
+    ("single", "tp2_pp2"),
+]
 
 
 def layout_config(tmp: pathlib.Path, name: str, *, fixture: bool = False, steps: int = STEPS, src: str = ""):
     """Layout ``name``'s config, saving under tmp/<name> (a straight run) or tmp/<src>-<name> (a move)."""
     tp, pp, virtual, stage = LAYOUTS[name]
     name = f"{src}-{name}" if src else name
-    parallel = {"tensor": tp, "pipeline": pp, "virtual_stages": virtual,
-                "pipeline_schedule": "interleaved" if virtual > 1 else "1f1b"}
+    parallel = {
+        "tensor": tp,
+        "pipeline": pp,
+        "virtual_stages": virtual,
+        "pipeline_schedule": "interleaved" if virtual > 1 else "1f1b",
+    }
     zero = {"stage": stage, "reduce_bucket_size": 3000, "stage3_param_persistence_threshold": 0}
     train = {"max_steps": steps, "save_dir": str(tmp / name / "ckpt"), "save_interval": SAVE_AT, "keep_last": 5}
     if fixture:
         raw = json.loads((FIXTURE / "losses.json").read_text())["config"]
         sections = {k: v for k, v in raw.items() if k not in ("train",)}
-        return make_config(tmp / name, **sections, parallel=parallel, zero_optimization=zero,
-                           train={**raw["train"], **train})
-    return make_config(tmp / name, parallel=parallel, zero_optimization=zero,
-                       model={**BASE["model"], "n_layers": 4}, train=train)
+        return make_config(
+            tmp / name, **sections, parallel=parallel, zero_optimization=zero, train={**raw["train"], **train}
+        )
+    return make_config(
+        tmp / name, parallel=parallel, zero_optimization=zero, model={**BASE["model"], "n_layers": 4}, train=train
+    )
 
 
 def straight(cfg, make):
@@ -66,8 +80,11 @@ def move(cfg, make, src: pathlib.Path):
     consumed = t.loader.consumed_samples
     t.save()
     t.fit()
-    return {"losses": [r["loss"] for r in t.history], "consumed_at_load": consumed,
-            "consumed_at_end": t.loader.consumed_samples}
+    return {
+        "losses": [r["loss"] for r in t.history],
+        "consumed_at_load": consumed,
+        "consumed_at_end": t.loader.consumed_samples,
+    }
 
 
 def _worker(rank, world, args):
@@ -114,8 +131,11 @@ def test_reshard_on_load_across_layouts(tmp_path):
     single = straight(layout_config(tmp_path, "single"), make_trainer)  # the single-device source and reference
     results = run_ranks(_worker, 4, args={"tmp": str(tmp_path)}, timeout_s=900)
     # back to one device from a 4-rank layout, in this process
-    back = move(layout_config(tmp_path, "single", src="single-tp2_pp2"), make_trainer,
-                tmp_path / "single-tp2_pp2" / "ckpt" / f"step_{SAVE_AT:08d}")
+    back = move(
+        layout_config(tmp_path, "single", src="single-tp2_pp2"),
+        make_trainer,
+        tmp_path / "single-tp2_pp2" / "ckpt" / f"step_{SAVE_AT:08d}",
+    )
     for res in results:
         res["single"], res["single-tp2_pp2-single"] = single, back
         _close(res["dp4_z1"], single, "dp4_z1 straight vs single device")
@@ -137,12 +157,19 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
     src = FIXTURE / "ckpt" / f"step_{SAVE_AT:08d}"
     raw = json.loads((FIXTURE / "losses.json").read_text())["config"]
-    wider = make_config(tmp_path / "w", **{**raw, "model": {**raw["model"], "d_model": 32}, "train": raw["train"],
-                                          "zero_optimization": {"stage": 1}})
-    with pytest.raises(CheckpointError, match=r"tensor layers\.0\.attn\.qkv\.weight has shape \(48, 16\) in the "
-                                              r"checkpoint, \(96, 32\) in this model"):
+    wider = make_config(
+        tmp_path / "w",
+        **{**raw, "model": {**raw["model"], "d_model": 32}, "train": raw["train"], "zero_optimization": {"stage": 1}},
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor layers\.0\.attn\.qkv\.weight has shape \(48, 16\) in the "
+        r"checkpoint, \(96, 32\) in this model",
+    ):
         make_trainer(wider).load(str(src))
-    deeper = make_config(tmp_path / "d", **{**raw, "model": {**raw["model"], "n_layers": 3}, "train": raw["train"],
-                                           "zero_optimization": {"stage": 1}})
+    deeper = make_config(
+        tmp_path / "d",
+        **{**raw, "model": {**raw["model"], "n_layers": 3}, "train": raw["train"], "zero_optimization": {"stage": 1}},
+    )
     with pytest.raises(CheckpointError, match=r"does not fit this model \(missing layers\.2\."):
         make_trainer(deeper).load(str(src))

@@ -17,28 +17,32 @@ AUTO_HINT = " (hint: 'auto' is filled in by the Hugging Face Trainer integration
 REFUSED = {
     "hf_trainer_zero2_auto.json": 'fp16.enabled: "auto" needs a value' + AUTO_HINT,
     "auto_batch_size.json": 'train_batch_size: "auto" needs a value' + AUTO_HINT,
-    "hf_trainer_zero3_offload.json":
-        "zero_optimization.offload_optimizer: optimizer offload to CPU/NVMe is not supported by Trident",
+    "hf_trainer_zero3_offload.json": (
+        "zero_optimization.offload_optimizer: optimizer offload to CPU/NVMe is not supported by Trident"
+    ),
     "zero3_nvme_aio.json": "aio: async I/O (NVMe offload) is not supported by Trident",
     "deprecated_cpu_offload.json": "zero_optimization.cpu_offload: is deprecated (DeepSpeed replaced it by "
-                                   "offload_optimizer), and optimizer offload is not supported by Trident",
+    "offload_optimizer), and optimizer offload is not supported by Trident",
     "deprecated_fp16_gather.json": "zero_optimization.stage3_gather_fp16_weights_on_model_save: is deprecated: "
-                                   "use stage3_gather_16bit_weights_on_model_save",
+    "use stage3_gather_16bit_weights_on_model_save",
     "flops_profiler_on.json": "flops_profiler: the flops profiler is not supported by Trident; metrics.jsonl "
-                              "reports tflops and mfu each step",
+    "reports tflops and mfu each step",
     "comm_dtype_bf16.json": 'communication_data_type: "bf16" is not supported: gradients are reduced in fp32 '
-                            'for exact results; use "fp32" or omit',
+    'for exact results; use "fp32" or omit',
     "activation_partitioning.json": "activation_checkpointing.partition_activations: true is not one of false "
-                                    "(hint: must be false (not implemented))",
+    "(hint: must be false (not implemented))",
     "typo_in_zero_section.json": "zero_optimization.overlap_com: unknown key (hint: did you mean 'overlap_comm'?)",
     "grad_accum_bf16.json": 'data_types: only {"grad_accum_dtype": "fp32"} is supported: Trident accumulates '
-                            "gradients in fp32",
+    "gradients in fp32",
 }
 
 
 def test_every_file_has_an_expected_outcome():
     assert {p.name for p in HERE.glob("*.json")} == set(REFUSED) | {
-        "megatron_deepspeed_bf16.json", "zero3_native_keys.json", "fp16_dynamic_loss_scale.json"}
+        "megatron_deepspeed_bf16.json",
+        "zero3_native_keys.json",
+        "fp16_dynamic_loss_scale.json",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
@@ -53,8 +57,12 @@ def test_megatron_deepspeed_config_keeps_deepspeed_meaning():
     cfg = load_config(str(HERE / "megatron_deepspeed_bf16.json"))
     assert cfg.bf16.enabled and cfg.dtype_name == "bf16"  # the "bfloat16" alias
     z = cfg.zero_optimization
-    assert (z.stage, z.reduce_bucket_size, z.allgather_bucket_size, z.overlap_comm) == (1, 500_000_000,
-                                                                                     500_000_000, True)
+    assert (z.stage, z.reduce_bucket_size, z.allgather_bucket_size, z.overlap_comm) == (
+        1,
+        500_000_000,
+        500_000_000,
+        True,
+    )
     assert cfg.log_interval == 2000  # steps_per_print
     assert cfg.communication_data_type == "fp32" and cfg.gradient_clipping == 1.0
     assert cfg.tensorboard.enabled and cfg.tensorboard.job_name == "gpt"
@@ -66,8 +74,7 @@ def test_zero3_config_with_deepspeed_field_names():
     """DeepSpeed accepts both stage3_* names and their short field names; offloads set to "none" are off."""
     cfg = load_config(str(HERE / "zero3_native_keys.json"))
     z = cfg.zero_optimization
-    assert (z.stage, z.stage3_prefetch_bucket_size, z.stage3_param_persistence_threshold) == (3, 50_000_000,
-                                                                                            100_000)
+    assert (z.stage, z.stage3_prefetch_bucket_size, z.stage3_param_persistence_threshold) == (3, 50_000_000, 100_000)
     assert z.stage3_max_live_parameters == z.stage3_max_reuse_distance == 1_000_000_000
     assert z.stage3_gather_16bit_weights_on_model_save
     assert cfg.optimizer.decoupled  # DeepSpeed's Adam with adam_w_mode=true is AdamW
@@ -77,21 +84,36 @@ def test_zero3_config_with_deepspeed_field_names():
 
 def test_fp16_dynamic_loss_scaling_keys():
     fp16 = load_config(str(HERE / "fp16_dynamic_loss_scale.json")).fp16
-    assert (fp16.enabled, fp16.loss_scale, fp16.initial_scale_power, fp16.loss_scale_window, fp16.hysteresis,
-            fp16.min_loss_scale) == (True, 0.0, 12, 500, 2, 1.0)
+    assert (
+        fp16.enabled,
+        fp16.loss_scale,
+        fp16.initial_scale_power,
+        fp16.loss_scale_window,
+        fp16.hysteresis,
+        fp16.min_loss_scale,
+    ) == (True, 0.0, 12, 500, 2, 1.0)
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ({"wandb": {"enabled": False, "projct": "x"}}, "wandb.projct: unknown key (hint: did you mean 'project'?)"),
-    ({"checkpoint": {"tag_validation": "Fail"}},
-     "checkpoint: DeepSpeed's checkpoint section is not used; set train.save_dir, train.save_interval and "
-     "train.keep_last (Trident's checkpoints are atomic and verified on load)"),
-    ({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "auto"}},
-     'zero_optimization.stage3_max_live_parameters: "auto" needs a value' + AUTO_HINT),
-    ({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}},
-     "bf16.bf16_master_weights_and_grads: true is not one of false (hint: must be false: masters and gradients "
-     "are fp32)"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"wandb": {"enabled": False, "projct": "x"}}, "wandb.projct: unknown key (hint: did you mean 'project'?)"),
+        (
+            {"checkpoint": {"tag_validation": "Fail"}},
+            "checkpoint: DeepSpeed's checkpoint section is not used; set train.save_dir, train.save_interval and "
+            "train.keep_last (Trident's checkpoints are atomic and verified on load)",
+        ),
+        (
+            {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "auto"}},
+            'zero_optimization.stage3_max_live_parameters: "auto" needs a value' + AUTO_HINT,
+        ),
+        (
+            {"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}},
+            "bf16.bf16_master_weights_and_grads: true is not one of false (hint: must be false: masters and gradients "
+            "are fp32)",
+        ),
+    ],
+)
 def test_inline_refusals(raw, expected):
     from engine.config import parse_config
 

@@ -54,9 +54,16 @@ def _reads() -> set[str]:
     for path in (REPO / "engine").rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         in_config = "config" in path.relative_to(REPO / "engine").parts[:1]
-        scopes = [tree] if not in_config else [
-            fn for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
-            and any(isinstance(d, ast.Name) and d.id == "property" for d in fn.decorator_list)]
+        scopes = (
+            [tree]
+            if not in_config
+            else [
+                fn
+                for fn in ast.walk(tree)
+                if isinstance(fn, ast.FunctionDef)
+                and any(isinstance(d, ast.Name) and d.id == "property" for d in fn.decorator_list)
+            ]
+        )
         for scope in scopes:
             names |= {n.attr for n in ast.walk(scope) if isinstance(n, ast.Attribute)}
             # getattr(obj, "name") and the "name" string of a key path
@@ -90,6 +97,8 @@ def test_key_has_an_effect_or_a_documented_reason(key, field):
     if kind == "fixed":
         return
     leaf = key.rsplit(".", 1)[-1]
-    assert leaf in READS, (f"{key}: accepted but nothing in engine/ reads it (implement it, refuse it by name, or "
-                           "document 'no effect: <why>')")
+    assert leaf in READS, (
+        f"{key}: accepted but nothing in engine/ reads it (implement it, refuse it by name, or "
+        "document 'no effect: <why>')"
+    )
     assert leaf in TEST_TEXT or key in TEST_TEXT, f"{key}: has an effect but no test names it"

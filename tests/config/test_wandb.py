@@ -45,15 +45,21 @@ def fake_wandb(monkeypatch):
 
 
 def test_metrics_reach_wandb_with_deepspeed_keys(tmp_path, fake_wandb):
-    cfg = parse_config({"train_batch_size": 8, "wandb": {"enabled": True, "project": "p", "group": "g",
-                                                         "team": "t"}})
+    cfg = parse_config({"train_batch_size": 8, "wandb": {"enabled": True, "project": "p", "group": "g", "team": "t"}})
     for _ in range(2):  # a restart resumes the same run id
         writer = MetricsWriter(str(tmp_path), enabled=True, wandb=cfg.wandb, run_config={"x": 1})
         writer.write({"step": 3, "loss": 2.5, "lr": 1e-3, "skipped": 0, "comm_bytes": {"dp": 8, "tp": 4}})
         writer.close()
     first, second = fake_wandb.runs
-    assert first.init == {"project": "p", "group": "g", "entity": "t", "dir": str(tmp_path), "id": "run0",
-                          "resume": "allow", "config": {"x": 1}}
+    assert first.init == {
+        "project": "p",
+        "group": "g",
+        "entity": "t",
+        "dir": str(tmp_path),
+        "id": "run0",
+        "resume": "allow",
+        "config": {"x": 1},
+    }
     assert second.init["id"] == "run0"
     assert first.logged == [(3, {"loss": 2.5, "lr": 1e-3, "skipped": 0, "comm_bytes/dp": 8, "comm_bytes/tp": 4})]
     assert first.finished
@@ -70,5 +76,7 @@ def test_enabled_without_the_package_is_refused(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError) as err:
         parse_config({"train_batch_size": 8, "wandb": {"enabled": True}})
-    assert str(err.value) == ("wandb.enabled: true but the wandb package is not installed (hint: pip install "
-                              "wandb, or set wandb.enabled=false)")
+    assert str(err.value) == (
+        "wandb.enabled: true but the wandb package is not installed (hint: pip install "
+        "wandb, or set wandb.enabled=false)"
+    )

@@ -32,9 +32,7 @@ def write_jsonl(path, docs, key: str = "text") -> None:
             f.write(json.dumps({key: d, "id": 1}) + "\n")
 
 
-def write_random_shards(
-    prefix: str, sizes: list[int], *, seed: int = 0, vocab: int = 1000, dtype=np.uint16
-) -> list:
+def write_random_shards(prefix: str, sizes: list[int], *, seed: int = 0, vocab: int = 1000, dtype=np.uint16) -> list:
     rng = np.random.default_rng(seed)
     docs = [rng.integers(0, vocab, size=s).astype(dtype) for s in sizes]
     with IndexedDatasetWriter(prefix, dtype=dtype) as w:

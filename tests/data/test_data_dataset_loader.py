@@ -27,12 +27,8 @@ def sharded(tmp_path):
     rng = np.random.default_rng(0)
     web_docs = []
     for k, n in enumerate((30, 25, 15)):
-        web_docs += write_random_shards(
-            shard_prefix(str(tmp_path / "web"), k), rng.integers(0, 60, n).tolist(), seed=k
-        )
-    code_docs = write_random_shards(
-        str(tmp_path / "code"), rng.integers(1, 90, 30).tolist(), seed=9, vocab=500
-    )
+        web_docs += write_random_shards(shard_prefix(str(tmp_path / "web"), k), rng.integers(0, 60, n).tolist(), seed=k)
+    code_docs = write_random_shards(str(tmp_path / "code"), rng.integers(1, 90, 30).tolist(), seed=9, vocab=500)
     return tmp_path, web_docs, code_docs
 
 
@@ -119,9 +115,7 @@ def test_mismatched_tokenizer_and_vocab_are_refused(sharded):
     tmp, _, _ = sharded
     write_meta(str(tmp / "code"), {"tokenizer_sha256": "a" * 64, "vocab_size": 500})
     common = dict(seq_len=8, seed=1, num_train_samples=10, num_valid_samples=0, valid_fraction=0.0)
-    with pytest.raises(
-        DataError, match=r"code: shards were made with tokenizer sha256 aaaaaaaaaaaa\.\.\., not the"
-    ):
+    with pytest.raises(DataError, match=r"code: shards were made with tokenizer sha256 aaaaaaaaaaaa\.\.\., not the"):
         build_datasets([str(tmp / "code")], None, tokenizer_sha256="b" * 64, **common)
     with pytest.raises(DataError, match="code: tokenizer vocabulary of 500 exceeds model.vocab_size 256"):
         build_datasets([str(tmp / "code")], None, vocab_size=256, **common)
@@ -154,10 +148,7 @@ def test_rank_partition_covers_each_global_batch_once():
     g, m = 24, 2
     for dp in (1, 2, 3, 4, 6):
         ids = np.stack(
-            [
-                rank_sample_ids(48, global_batch_size=g, micro_batch_size=m, dp_rank=r, dp_size=dp)
-                for r in range(dp)
-            ]
+            [rank_sample_ids(48, global_batch_size=g, micro_batch_size=m, dp_rank=r, dp_size=dp) for r in range(dp)]
         )
         assert ids.shape == (dp, g // (m * dp), m)
         assert sorted(ids.ravel().tolist()) == list(range(48, 72))
@@ -231,8 +222,6 @@ def test_loader_shapes_and_errors(sharded):
     assert len(step) == 2 and all(t.dtype == torch.int64 and t.shape == (2, 9) for t in step)
     with pytest.raises(ConfigError, match="train_batch_size 10 is not a multiple of micro batch 2 x DP 2"):
         StepLoader(train, global_batch_size=10, micro_batch_size=2, dp_rank=0, dp_size=2)
-    far = StepLoader(
-        train, global_batch_size=8, micro_batch_size=2, dp_rank=0, dp_size=1, consumed_samples=len(train)
-    )
+    far = StepLoader(train, global_batch_size=8, micro_batch_size=2, dp_rank=0, dp_size=1, consumed_samples=len(train))
     with pytest.raises(DataError, match="num_train_samples"):
         far.next_step()

@@ -21,12 +21,23 @@ def _docs(prefix) -> list[list[int]]:
 
 def test_parquet_equals_jsonl(tmp_path, tokenizer, corpus_docs):
     docs = corpus_docs[:40]
-    pq.write_table(pa.table({"id": list(range(len(docs))), "content": docs}), tmp_path / "a.parquet",
-                   row_group_size=7)
+    pq.write_table(pa.table({"id": list(range(len(docs))), "content": docs}), tmp_path / "a.parquet", row_group_size=7)
     write_jsonl(tmp_path / "a.jsonl", docs)
     common = ["--tokenizer", str(tokenizer.path), "--workers", "2", "--no-progress"]
-    assert main(["--input", str(tmp_path / "a.parquet"), "--text-key", "content",
-                 "--output-prefix", str(tmp_path / "pq"), *common]) == 0
+    assert (
+        main(
+            [
+                "--input",
+                str(tmp_path / "a.parquet"),
+                "--text-key",
+                "content",
+                "--output-prefix",
+                str(tmp_path / "pq"),
+                *common,
+            ]
+        )
+        == 0
+    )
     assert main(["--input", str(tmp_path / "a.jsonl"), "--output-prefix", str(tmp_path / "js"), *common]) == 0
     assert _docs(tmp_path / "pq") == _docs(tmp_path / "js")
     assert len(_docs(tmp_path / "pq")) == len(docs)

@@ -37,10 +37,7 @@ def jsonl_corpus(tmp_path, corpus_docs):
 
 def _all_docs(prefix):
     return [
-        np.asarray(ds[i]).tolist()
-        for p in resolve_shards(prefix)
-        for ds in [IndexedDataset(p)]
-        for i in range(len(ds))
+        np.asarray(ds[i]).tolist() for p in resolve_shards(prefix) for ds in [IndexedDataset(p)] for i in range(len(ds))
     ]
 
 

@@ -153,9 +153,7 @@ def test_sample_index_is_a_global_shuffle():
     assert sorted(np.asarray(index.shuffle_idx).tolist()) == list(range(num_packed))
     first_docs = index.doc_idx[index.sample_idx[index.shuffle_idx[:100], 0]]
     assert len(set((first_docs // 25).tolist())) > 30
-    again = si.compute_sample_index(
-        sizes, np.arange(1000), seq_len=10, seed=7, num_samples=1000, use_cpp=False
-    )
+    again = si.compute_sample_index(sizes, np.arange(1000), seq_len=10, seed=7, num_samples=1000, use_cpp=False)
     for name in ("doc_idx", "sample_idx", "shuffle_idx"):
         np.testing.assert_array_equal(getattr(index, name), getattr(again, name))
 
@@ -172,9 +170,7 @@ def test_epochs_are_reshuffled_and_kept_apart():
 
 def test_too_few_tokens_is_a_data_error():
     with pytest.raises(DataError, match="tiny: 5 tokens in 2 documents, fewer than one sample"):
-        si.compute_sample_index(
-            np.array([2, 3], np.int32), np.arange(2), seq_len=8, seed=0, num_samples=1, name="tiny"
-        )
+        si.compute_sample_index(np.array([2, 3], np.int32), np.arange(2), seq_len=8, seed=0, num_samples=1, name="tiny")
 
 
 def test_cache_builds_once_and_refuses_non_builders(tmp_path):

@@ -14,9 +14,7 @@ def test_special_ids_and_vocab(tokenizer):
     assert tokenizer.sha256 == file_sha256(tokenizer.path)
 
 
-@pytest.mark.parametrize(
-    "text", ["alpha beta\n\tgamma  delta\n", "  leading and trailing  ", "漢字 😀 ü\r\n", ""]
-)
+@pytest.mark.parametrize("text", ["alpha beta\n\tgamma  delta\n", "  leading and trailing  ", "漢字 😀 ü\r\n", ""])
 def test_round_trip_is_lossless(tokenizer, text):
     ids = tokenizer.encode(text)
     assert all(0 <= i < tokenizer.vocab_size for i in ids)

@@ -22,8 +22,9 @@ def require(*binaries: str) -> None:
     """Skip (with the reason) when a launcher binary is not installed on this machine."""
     missing = [b for b in binaries if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (CI installs them; see examples/slurm/"
-                    "setup_local_cluster.sh install)")
+        pytest.skip(
+            f"{', '.join(missing)} not installed (CI installs them; see examples/slurm/setup_local_cluster.sh install)"
+        )
 
 
 def free_port() -> int:
@@ -34,16 +35,26 @@ def free_port() -> int:
 
 def launch_env(**extra: str) -> dict[str, str]:
     """The test's environment minus any launcher variables it may itself run under."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "OMPI_", "PMI_", "SLURM_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "OMPI_", "PMI_", "SLURM_"))
+    }
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
     return env
 
 
 def run_cli(cmd: list[str], *, timeout_s: float, env: dict[str, str] | None = None) -> str:
     """Run ``cmd`` in its own session; on timeout kill that whole process group, so nothing is left over."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env or launch_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env or launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

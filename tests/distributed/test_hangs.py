@@ -43,8 +43,16 @@ class FakeClock:
 def _dogs(world: int, store=None, *, clock=None, timeout_s: float = 3.0, store_host: int | None = 0):
     store = store if store is not None else dist.HashStore()
     clock = clock or FakeClock()
-    return store, clock, [Watchdog(store, rank=r, world_size=world, timeout_s=timeout_s, interval_s=0.5,
-                                   store_host=store_host, clock=clock) for r in range(world)]
+    return (
+        store,
+        clock,
+        [
+            Watchdog(
+                store, rank=r, world_size=world, timeout_s=timeout_s, interval_s=0.5, store_host=store_host, clock=clock
+            )
+            for r in range(world)
+        ],
+    )
 
 
 def _tick(clock: FakeClock, dogs, *, seconds: float = 0.5, alive=None) -> list[str | None]:
@@ -107,8 +115,7 @@ def test_unanswering_store_names_its_host_and_a_finished_host_is_no_loss():
     clock.now += 0.2
     verdict = dog.check_once()
     assert verdict.startswith("rank 0 has not been heard from for 3.1 s (it serves the rendezvous store")
-    agent = Watchdog(BrokenStore(), rank=1, world_size=2, timeout_s=3.0, interval_s=0.5, store_host=None,
-                     clock=clock)
+    agent = Watchdog(BrokenStore(), rank=1, world_size=2, timeout_s=3.0, interval_s=0.5, store_host=None, clock=clock)
     clock.now += 3.5
     assert agent.check_once().startswith("the rendezvous store (torchrun agent) has not answered")
     store, clock, dogs = _dogs(2)
@@ -146,23 +153,42 @@ def _free_port() -> int:
 
 
 def _launch(tmp_path: Path, world: int, *, tensor: int) -> list[subprocess.Popen]:
-    cfg = {**BASE, "train": {**BASE["train"], "max_steps": 1_000_000, "device": "cpu",
-                             "log_dir": str(tmp_path / "run")},
-           "parallel": {"tensor": tensor},
-           "resilience": {"collective_timeout_s": 300, "heartbeat_timeout_s": TIMEOUT_S,
-                          "heartbeat_interval_s": INTERVAL_S}}
+    cfg = {
+        **BASE,
+        "train": {**BASE["train"], "max_steps": 1_000_000, "device": "cpu", "log_dir": str(tmp_path / "run")},
+        "parallel": {"tensor": tensor},
+        "resilience": {
+            "collective_timeout_s": 300,
+            "heartbeat_timeout_s": TIMEOUT_S,
+            "heartbeat_interval_s": INTERVAL_S,
+        },
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
         with open(tmp_path / f"rank{rank}.err", "wb") as err:
             # A session of its own, so the finally below can kill exactly this rank's process group.
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "engine.train", "--config", str(tmp_path / "cfg.json")], cwd=REPO, env=env,
-                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "engine.train", "--config", str(tmp_path / "cfg.json")],
+                    cwd=REPO,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,
+                )
+            )
     return procs
 
 
@@ -208,12 +234,15 @@ def _lose_rank(tmp_path: Path, *, world: int, tensor: int, victim: int, sig: int
             err = (tmp_path / f"rank{r}.err").read_text()
             errors = [line for line in err.splitlines() if line.startswith("error: ")]
             assert procs[r].returncode == EXIT_PEER_LOST, f"rank {r}: exit {procs[r].returncode}\n{err[-3000:]}"
-            assert len(errors) == 1 and errors[0].startswith(
-                f"error: rank {victim} has not been heard from for "), f"rank {r}:\n{err[-3000:]}"
+            assert len(errors) == 1 and errors[0].startswith(f"error: rank {victim} has not been heard from for "), (
+                f"rank {r}:\n{err[-3000:]}"
+            )
             assert "Traceback" not in err, f"rank {r}:\n{err[-3000:]}"
-        print(f"\n{signal.Signals(sig).name} rank {victim}/{world}: survivors exited after "
-              + ", ".join(f"rank {r} {d:.2f} s" for r, d in sorted(delays.items()))
-              + f" (heartbeat timeout {TIMEOUT_S} s, interval {INTERVAL_S} s)")
+        print(
+            f"\n{signal.Signals(sig).name} rank {victim}/{world}: survivors exited after "
+            + ", ".join(f"rank {r} {d:.2f} s" for r, d in sorted(delays.items()))
+            + f" (heartbeat timeout {TIMEOUT_S} s, interval {INTERVAL_S} s)"
+        )
         return delays
     finally:
         _kill_all(procs)

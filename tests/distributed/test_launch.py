@@ -46,8 +46,7 @@ def test_partial_torchrun_env_names_what_is_missing() -> None:
     with pytest.raises(LaunchError) as err:
         discover({"RANK": "0", "LOCAL_RANK": "0"}, mpi_world=no_mpi)
     assert str(err.value).startswith(
-        "torchrun launch detected (RANK or WORLD_SIZE is set) but "
-        "WORLD_SIZE, MASTER_ADDR, MASTER_PORT are missing"
+        "torchrun launch detected (RANK or WORLD_SIZE is set) but WORLD_SIZE, MASTER_ADDR, MASTER_PORT are missing"
     )
 
 
@@ -87,9 +86,7 @@ def test_openmpi_multi_node_needs_master_addr() -> None:
 def test_pmi() -> None:
     env = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
     assert discover(env, mpi_world=no_mpi) == LaunchInfo(1, 2, 1, 2, "127.0.0.1", 29500, "pmi")
-    with pytest.raises(
-        LaunchError, match=r"pmi launch detected \(PMI_RANK or PMI_SIZE is set\) but MPI_LOCALRANKID"
-    ):
+    with pytest.raises(LaunchError, match=r"pmi launch detected \(PMI_RANK or PMI_SIZE is set\) but MPI_LOCALRANKID"):
         discover({"PMI_RANK": "1", "PMI_SIZE": "2"}, mpi_world=no_mpi)
 
 
@@ -117,9 +114,7 @@ def test_slurm_explicit_master_and_missing_pieces() -> None:
     }
     assert discover(env, mpi_world=no_mpi) == LaunchInfo(0, 2, 0, 2, "x", 9, "slurm")
     del env["MASTER_ADDR"]
-    with pytest.raises(
-        LaunchError, match=r"^slurm launch detected \(SLURM_PROCID is set\) but SLURM_JOB_NODELIST"
-    ):
+    with pytest.raises(LaunchError, match=r"^slurm launch detected \(SLURM_PROCID is set\) but SLURM_JOB_NODELIST"):
         discover(env, mpi_world=no_mpi)
     with pytest.raises(LaunchError, match=r"but SLURM_LOCALID is missing"):
         discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, mpi_world=no_mpi)

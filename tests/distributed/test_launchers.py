@@ -40,16 +40,42 @@ def _check_run(run_dir, reference_losses):
 
 def test_torchrun(tmp_path, reference_losses):
     require("torchrun")
-    run_cli(["torchrun", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "engine.train",
-             "--config", str(CONFIG), *run_overrides(tmp_path)], timeout_s=TIMEOUT_S)
+    run_cli(
+        [
+            "torchrun",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "engine.train",
+            "--config",
+            str(CONFIG),
+            *run_overrides(tmp_path),
+        ],
+        timeout_s=TIMEOUT_S,
+    )
     _check_run(tmp_path, reference_losses)
 
 
 def test_deepspeed_launcher(tmp_path, reference_losses):
     require("deepspeed")
     # Without GPUs DeepSpeed's launcher picks its CPU accelerator; it passes --local_rank=N to the module.
-    out = run_cli(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "engine.train",
-                   "--config", str(CONFIG), *run_overrides(tmp_path)], timeout_s=TIMEOUT_S)
+    out = run_cli(
+        [
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "engine.train",
+            "--config",
+            str(CONFIG),
+            *run_overrides(tmp_path),
+        ],
+        timeout_s=TIMEOUT_S,
+    )
     assert "exits successfully" in out
     _check_run(tmp_path, reference_losses)
 
@@ -68,9 +94,26 @@ def test_mpirun(tmp_path, reference_losses):
 def test_launcher_user_error_is_one_line(tmp_path):
     """A config the layout cannot run fails on every rank with the one-line error and exit code 2."""
     require("torchrun")
-    proc = subprocess.run(["torchrun", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
-                           "engine.train", "--config", str(CONFIG), "--set", "parallel.tensor=3",
-                           *run_overrides(tmp_path)], cwd=REPO, env=launch_env(), capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            "torchrun",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "engine.train",
+            "--config",
+            str(CONFIG),
+            "--set",
+            "parallel.tensor=3",
+            *run_overrides(tmp_path),
+        ],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode != 0
     assert "error: parallel.tensor: 3 must divide model.n_heads=4 and n_kv_heads=4" in proc.stderr

@@ -36,8 +36,12 @@ def slurm_env(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("standing up slurmctld/slurmd/munged needs root")
     state = tmp_path_factory.mktemp("slurm")
-    env = launch_env(TRIDENT_SLURM_DIR=str(state), TRIDENT_SLURMCTLD_PORT=str(free_port()),
-                     TRIDENT_SLURMD_PORT=str(free_port()), SLURM_CONF=str(state / "slurm.conf"))
+    env = launch_env(
+        TRIDENT_SLURM_DIR=str(state),
+        TRIDENT_SLURMCTLD_PORT=str(free_port()),
+        TRIDENT_SLURMD_PORT=str(free_port()),
+        SLURM_CONF=str(state / "slurm.conf"),
+    )
     try:
         run_cli(["bash", str(SETUP), "start"], timeout_s=90, env=env)
         yield env
@@ -47,8 +51,9 @@ def slurm_env(tmp_path_factory):
 
 def _job_state(job_id: str, env) -> str:
     """JobState, with the scheduler's reason when it is not simply None (e.g. PENDING (Resources))."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
-                         timeout=30).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True, timeout=30
+    ).stdout
     state, reason = re.search(r"JobState=(\S+)", out), re.search(r"Reason=(\S+)", out)
     if state is None:
         return "UNKNOWN"
@@ -57,10 +62,16 @@ def _job_state(job_id: str, env) -> str:
 
 
 def _submit_and_wait(env, run_dir, log, extra_args: str) -> str:
-    job_env = {**env, "CONFIG": str(CONFIG),
-               "EXTRA_ARGS": f"--set train.log_dir={run_dir} --set train.save_dir={run_dir / 'ckpt'} {extra_args}"}
-    out = run_cli(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={log}",
-                   str(SBATCH)], timeout_s=30, env=job_env)
+    job_env = {
+        **env,
+        "CONFIG": str(CONFIG),
+        "EXTRA_ARGS": f"--set train.log_dir={run_dir} --set train.save_dir={run_dir / 'ckpt'} {extra_args}",
+    }
+    out = run_cli(
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={log}", str(SBATCH)],
+        timeout_s=30,
+        env=job_env,
+    )
     job_id = out.strip().split(";")[0]
     deadline = time.monotonic() + JOB_TIMEOUT_S
     state = _job_state(job_id, env)

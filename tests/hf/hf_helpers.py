@@ -9,15 +9,31 @@ import torch
 from tests.helpers import BASE
 
 GPT2_MODEL = {"arch": "gpt2", "n_layers": 2, "d_model": 32, "n_heads": 4, "seq_len": 16, "vocab_size": 97}
-LLAMA_MODEL = {"arch": "llama", "n_layers": 3, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "seq_len": 16,
-               "vocab_size": 97, "rope_theta": 500.0, "tie_embeddings": False, "ffn_hidden": 96}
+LLAMA_MODEL = {
+    "arch": "llama",
+    "n_layers": 3,
+    "d_model": 32,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "seq_len": 16,
+    "vocab_size": 97,
+    "rope_theta": 500.0,
+    "tie_embeddings": False,
+    "ffn_hidden": 96,
+}
 
 
 def raw_config(tmp, model: dict, **train) -> dict:
     raw = copy.deepcopy(BASE)
     raw["model"] = dict(model)
-    raw["train"] = {**raw["train"], "max_steps": 3, "device": "cpu", "log_dir": str(tmp / "run"),
-                    "save_dir": str(tmp / "ckpt"), **train}
+    raw["train"] = {
+        **raw["train"],
+        "max_steps": 3,
+        "device": "cpu",
+        "log_dir": str(tmp / "run"),
+        "save_dir": str(tmp / "ckpt"),
+        **train,
+    }
     return raw
 
 
@@ -40,16 +56,32 @@ def save_random_hf(path: str, model: dict) -> None:
 
     torch.manual_seed(11)
     if model["arch"] == "gpt2":
-        cfg = GPT2Config(vocab_size=model["vocab_size"], n_positions=model["seq_len"], n_embd=model["d_model"],
-                         n_layer=model["n_layers"], n_head=model["n_heads"], activation_function="gelu_new",
-                         layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = GPT2Config(
+            vocab_size=model["vocab_size"],
+            n_positions=model["seq_len"],
+            n_embd=model["d_model"],
+            n_layer=model["n_layers"],
+            n_head=model["n_heads"],
+            activation_function="gelu_new",
+            layer_norm_epsilon=1e-5,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         hf = GPT2LMHeadModel(cfg)
     else:
-        cfg = LlamaConfig(vocab_size=model["vocab_size"], hidden_size=model["d_model"],
-                          intermediate_size=model["ffn_hidden"], num_hidden_layers=model["n_layers"],
-                          num_attention_heads=model["n_heads"], num_key_value_heads=model["n_kv_heads"],
-                          max_position_embeddings=model["seq_len"], rms_norm_eps=1e-6,
-                          rope_theta=model["rope_theta"], tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=model["vocab_size"],
+            hidden_size=model["d_model"],
+            intermediate_size=model["ffn_hidden"],
+            num_hidden_layers=model["n_layers"],
+            num_attention_heads=model["n_heads"],
+            num_key_value_heads=model["n_kv_heads"],
+            max_position_embeddings=model["seq_len"],
+            rms_norm_eps=1e-6,
+            rope_theta=model["rope_theta"],
+            tie_word_embeddings=False,
+        )
         hf = LlamaForCausalLM(cfg)
     with torch.no_grad():  # random norms and biases too, so a swapped or dropped tensor shows
         for name, p in hf.named_parameters():

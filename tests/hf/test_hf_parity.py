@@ -88,8 +88,9 @@ def test_export_writes_a_tokenizer_transformers_can_use(tmp_path):
     from engine.data.tokenizer import Tokenizer
 
     text = "def add(a, b):\n    return a + b\n"
-    tok = Tokenizer.train([text * 20, "print('hello world')\n" * 20], model_prefix=str(tmp_path / "tok"),
-                          vocab_size=320)  # byte fallback needs the 256 byte pieces
+    tok = Tokenizer.train(
+        [text * 20, "print('hello world')\n" * 20], model_prefix=str(tmp_path / "tok"), vocab_size=320
+    )  # byte fallback needs the 256 byte pieces
     cfg = parse_config(raw_config(tmp_path, {**GPT2_MODEL, "vocab_size": 320}, max_steps=1))
     make_trainer(cfg).fit()
     export(str(tmp_path / "ckpt"), str(tmp_path / "out"), tokenizer=str(tmp_path / "tok.model"))
@@ -111,8 +112,13 @@ def test_refusals_name_the_key(tmp_path):
 
 def test_export_cli_user_error_exits_2(tmp_path):
     repo = pathlib.Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "engine.export", "--checkpoint", str(tmp_path / "nope"),
-                           "--out", str(tmp_path / "out")], cwd=repo, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "out")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'nope'}: not a checkpoint")
 
@@ -126,9 +132,25 @@ def test_train_cli_init_from_hf_flag(tmp_path):
     raw = raw_config(tmp_path, GPT2_MODEL, max_steps=1, save_dir=None)
     (tmp_path / "c.json").write_text(json.dumps(raw))
     repo = pathlib.Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, "-m", "engine.train", "--config", str(tmp_path / "c.json"), "--init-from-hf",
-                    str(tmp_path / "hf")], cwd=repo, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.train",
+            "--config",
+            str(tmp_path / "c.json"),
+            "--init-from-hf",
+            str(tmp_path / "hf"),
+        ],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    expected = make_trainer(parse_config({**raw, "train": {**raw["train"], "init_from_hf": str(tmp_path / "hf"),
-                                                           "log_dir": str(tmp_path / "run2")}})).train_step()
+    expected = make_trainer(
+        parse_config(
+            {**raw, "train": {**raw["train"], "init_from_hf": str(tmp_path / "hf"), "log_dir": str(tmp_path / "run2")}}
+        )
+    ).train_step()
     assert first == expected["loss"]

@@ -26,9 +26,7 @@ from engine.kernels import adamw, attention_bwd, attention_fwd, chunked_cross_en
 
 BF16 = "*bf16"
 F32 = "*fp32"
-ATTN = dict(
-    CAUSAL=True, HAS_ALIBI=True, DOT_PRECISION="tf32", UPCAST_DOT=False, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64
-)
+ATTN = dict(CAUSAL=True, HAS_ALIBI=True, DOT_PRECISION="tf32", UPCAST_DOT=False, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64)
 CASES = {
     "adamw": (
         adamw._adamw_kernel,
@@ -135,15 +133,27 @@ def _norm_cases() -> dict:
                 dict(num_warps=warps, divisible=NORM_DIVISIBLE, ptxas=True),
             )
     # LayerNorm with bias needs the most registers; 16384 takes the chunked path
-    for n, kinds in ((1024, ("ln", "rms")), (2048, ("ln",)), (4096, ("ln", "rms")), (8192, ("ln", "rms")),
-                     (16384, ("ln",))):
+    for n, kinds in (
+        (1024, ("ln", "rms")),
+        (2048, ("ln",)),
+        (4096, ("ln", "rms")),
+        (8192, ("ln", "rms")),
+        (16384, ("ln",)),
+    ):
         cfg = norm._bwd_config(16384, n, torch.device("cpu"))
         for kind in (*kinds, "addln") if n == 1024 else kinds:
             cases[f"norm_bwd_{kind}_{n}"] = (
                 norm._norm_bwd_kernel,
                 NORM_BWD_TYPES,
-                dict(IS_RMS=kind == "rms", HAS_BIAS=kind != "rms", HAS_DRES=kind == "addln", BLOCK_M=cfg.block_m,
-                     BLOCK_N=cfg.block_n, SINGLE=cfg.single, STAGES=cfg.stages),
+                dict(
+                    IS_RMS=kind == "rms",
+                    HAS_BIAS=kind != "rms",
+                    HAS_DRES=kind == "addln",
+                    BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n,
+                    SINGLE=cfg.single,
+                    STAGES=cfg.stages,
+                ),
                 dict(num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, divisible=NORM_DIVISIBLE, ptxas=True),
             )
     # rows longer than MAX_BLOCK_N: the chunked forward, which writes the sum first and normalizes it
@@ -194,8 +204,7 @@ CASES["swiglu_bwd"] = (
 CASES["bias_gelu_bwd"] = (
     gelu._bias_gelu_bwd_kernel,
     dict(DY=BF16, H=BF16, B=F32, DH=BF16, DB_PART=F32),
-    dict(HAS_DBIAS=True, BLOCK_M=gelu.BWD_TILE // gelu.MAX_BLOCK_N, BLOCK_N=gelu.MAX_BLOCK_N,
-         STAGES=gelu.BWD_STAGES),
+    dict(HAS_DBIAS=True, BLOCK_M=gelu.BWD_TILE // gelu.MAX_BLOCK_N, BLOCK_N=gelu.MAX_BLOCK_N, STAGES=gelu.BWD_STAGES),
     dict(num_warps=gelu.NUM_WARPS, divisible=GELU_DIVISIBLE, ptxas=True),
 )
 

@@ -47,9 +47,7 @@ def seed() -> int:
     return value
 
 
-def _assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, tol: float | torch.dtype, what: str = ""
-) -> None:
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float | torch.dtype, what: str = "") -> None:
     """max |actual - expected| <= tol * max |expected|: relative to the tensor's magnitude.
 
     ``tol`` may be a dtype, meaning that dtype's entry in TOLERANCE.

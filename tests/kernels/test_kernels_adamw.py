@@ -81,9 +81,7 @@ def test_adamw_respects_a_flag_raised_elsewhere():
     param = torch.randn(50)
     before = param.clone()
     flag = torch.ones(1)
-    found = kernels.adamw_(
-        param, torch.randn(50), torch.zeros(50), torch.zeros(50), step=1, found_inf=flag, **HP
-    )
+    found = kernels.adamw_(param, torch.randn(50), torch.zeros(50), torch.zeros(50), step=1, found_inf=flag, **HP)
     assert found is flag and found.item() == 1.0
     assert torch.equal(param, before)
 
@@ -106,15 +104,14 @@ def test_adamw_one_pass_still_skips_on_a_raised_flag():
     param = torch.randn(90)
     before = param.clone()
     flag = torch.ones(1)
-    found = kernels.adamw_(param, torch.randn(90), torch.zeros(90), torch.zeros(90), step=1, found_inf=flag,
-                           check_finite=False, **HP)
+    found = kernels.adamw_(
+        param, torch.randn(90), torch.zeros(90), torch.zeros(90), step=1, found_inf=flag, check_finite=False, **HP
+    )
     assert found is flag and torch.equal(param, before)
 
 
 def test_adamw_rejects_non_fp32_master_weights():
-    with pytest.raises(
-        ValueError, match=r"adamw_: param must be a flat contiguous fp32 tensor, got torch.bfloat16"
-    ):
+    with pytest.raises(ValueError, match=r"adamw_: param must be a flat contiguous fp32 tensor, got torch.bfloat16"):
         kernels.adamw_(
             torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4), torch.zeros(4), torch.zeros(4), step=1, **HP
         )

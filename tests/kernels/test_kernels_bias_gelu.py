@@ -86,8 +86,11 @@ def test_bias_gelu_without_bias_grad(assert_close):
 
 
 def test_bias_gelu_rejects_bias_of_wrong_shape():
-    with pytest.raises(ValueError, match=r"bias must have shape \(10,\) to match h's last dimension, got bias "
-                       r"\(9,\) for h \(2, 3, 10\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"bias must have shape \(10,\) to match h's last dimension, got bias "
+        r"\(9,\) for h \(2, 3, 10\)",
+    ):
         bias_gelu(torch.randn(2, 3, 10), torch.randn(9))
     with pytest.raises(ValueError, match=r"got bias \(1, 10\) for h \(4, 10\)"):
         bias_gelu(torch.randn(4, 10), torch.randn(1, 10))

@@ -49,8 +49,7 @@ NAMES = [
 ]
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("ptxas", path=os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"))
-    is None,
+    shutil.which("ptxas", path=os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")) is None,
     reason="triton's bundled ptxas is missing",
 )
 

@@ -45,9 +45,7 @@ def test_cross_entropy_accepts_leading_dims_and_custom_ignore_index(assert_close
     target = torch.randint(0, 150, (2, 5))
     target[1, 2] = 7
     loss, grad = _loss_and_grad(kernels.cross_entropy, logits, target, torch.tensor(1.0), ignore_index=7)
-    loss_ref, grad_ref = _loss_and_grad(
-        reference.cross_entropy, logits, target, torch.tensor(1.0), ignore_index=7
-    )
+    loss_ref, grad_ref = _loss_and_grad(reference.cross_entropy, logits, target, torch.tensor(1.0), ignore_index=7)
     assert_close(loss, loss_ref, 1e-5, "loss")
     assert_close(grad, grad_ref, 1e-5, "grad")
 
@@ -86,10 +84,7 @@ def test_vocab_parallel_shards_reproduce_full_vocab_loss_and_grad(bounds, assert
     assert_close(loss, reference.cross_entropy(logits, target), 1e-5, "loss")
 
     dloss_rows = torch.full((n,), 1.0) / valid.sum()
-    grads = [
-        kernels.vocab_parallel_grad(shard, target, lse, dloss_rows, vocab_start=start)
-        for start, shard in shards
-    ]
+    grads = [kernels.vocab_parallel_grad(shard, target, lse, dloss_rows, vocab_start=start) for start, shard in shards]
     _, grad_ref = _loss_and_grad(reference.cross_entropy, logits, target, torch.tensor(1.0))
     assert_close(torch.cat(grads, dim=1), grad_ref, 1e-5, "grad")
 

@@ -40,13 +40,12 @@ def test_attention_cuda_bf16_matches_reference(dim, causal):
 def test_attention_packed_cuda_bf16_matches_reference(heads, kv_heads):
     # the model's layout: (S, B, (h + 2 kv) * hd) in, (S, B, h * hd) out, one dqkv back
     seq, batch, dim = 1000, 2, 64
-    qkv = torch.randn(seq, batch, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16,
-                      requires_grad=True)
+    qkv = torch.randn(seq, batch, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out = kernels.attention_packed(qkv, heads, kv_heads)
     dout = torch.randn_like(out)
     (dqkv,) = torch.autograd.grad(out, (qkv,), dout)
     heads_view = qkv.unflatten(-1, (heads + 2 * kv_heads, dim)).permute(1, 2, 0, 3)
-    q, k, v = heads_view[:, :heads], heads_view[:, heads:heads + kv_heads], heads_view[:, heads + kv_heads:]
+    q, k, v = heads_view[:, :heads], heads_view[:, heads : heads + kv_heads], heads_view[:, heads + kv_heads :]
     out_ref = reference.attention(q, k, v, causal=True).permute(2, 0, 1, 3).reshape(seq, batch, heads * dim)
     (dqkv_ref,) = torch.autograd.grad(out_ref, (qkv,), dout)
     assert out.is_contiguous() and dqkv.is_contiguous()
@@ -107,8 +106,7 @@ def test_rope_packed_cuda_matches_reference():
 
     seq, batch, heads, kv_heads, dim = 1024, 4, 16, 4, 128
     cos, sin = (t.cuda() for t in rope_tables(seq, dim, theta=10000.0))
-    qkv = torch.randn(seq, batch, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16,
-                      requires_grad=True)
+    qkv = torch.randn(seq, batch, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = kernels.rope_packed(qkv, cos, sin, heads, kv_heads)
     dy = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, (qkv,), dy)

@@ -204,9 +204,7 @@ def test_norm_statistics_are_fp32_for_large_offsets(assert_close):
 
 def test_norm_rejects_weight_of_wrong_size():
     x = torch.randn(2, 10)
-    with pytest.raises(
-        ValueError, match=r"norm weight/bias must have shape \(10,\) to match x's last dimension"
-    ):
+    with pytest.raises(ValueError, match=r"norm weight/bias must have shape \(10,\) to match x's last dimension"):
         kernels.rms_norm(x, torch.ones(9))
 
 

@@ -44,8 +44,12 @@ def test_rope_packed_is_the_models_rotation():
     heads = qkv.unflatten(-1, (n_heads + 2 * kv_heads, dim)).permute(1, 2, 0, 3)
     out = y.unflatten(-1, (n_heads + 2 * kv_heads, dim)).permute(1, 2, 0, 3)
     torch.testing.assert_close(out[:, :n_heads], apply_rope(heads[:, :n_heads], cos, sin), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(out[:, n_heads:n_heads + kv_heads], apply_rope(heads[:, n_heads:n_heads + kv_heads],
-                                                                            cos, sin), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        out[:, n_heads : n_heads + kv_heads],
+        apply_rope(heads[:, n_heads : n_heads + kv_heads], cos, sin),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_rope_packed_backward_is_the_inverse_rotation():

@@ -16,30 +16,44 @@ from engine.planning import plan
 GPT2_124M = ModelConfig(arch="gpt2", n_layers=12, d_model=768, n_heads=12, seq_len=1024, vocab_size=50304)
 # by hand: per layer qkv 768x2304 + 2304, out 768x768 + 768, up 768x3072 + 3072, down 3072x768 + 768, two
 # LayerNorms 2x(768 + 768); the final LayerNorm; the (tied) head 50304 x 768
-GPT2_MATMUL = 12 * (768 * 2304 + 2304 + 768 * 768 + 768 + 768 * 3072 + 3072 + 3072 * 768 + 768 + 4 * 768) \
-    + 2 * 768 + 50304 * 768
+GPT2_MATMUL = (
+    12 * (768 * 2304 + 2304 + 768 * 768 + 768 + 768 * 3072 + 3072 + 3072 * 768 + 768 + 4 * 768) + 2 * 768 + 50304 * 768
+)
 GPT2_FLOPS = 6 * GPT2_MATMUL + 12 * 12 * 768 * 1024
 
-LLAMA_SMALL = ModelConfig(arch="llama", n_layers=4, d_model=256, n_heads=8, n_kv_heads=2, seq_len=512,
-                          vocab_size=1000, tie_embeddings=False)
+LLAMA_SMALL = ModelConfig(
+    arch="llama", n_layers=4, d_model=256, n_heads=8, n_kv_heads=2, seq_len=512, vocab_size=1000, tie_embeddings=False
+)
 # head_dim 32: q 256x256, k and v 256x64 each, o 256x256; SwiGLU ffn 704 (8/3 x 256 rounded up to 64):
 # gate and up 256x704, down 704x256; two RMSNorms per layer and a final one; the untied head 1000 x 256
 LLAMA_MATMUL = 4 * (256 * 256 + 2 * 256 * 64 + 256 * 256 + 3 * 256 * 704 + 2 * 256) + 256 + 1000 * 256
 LLAMA_FLOPS = 6 * LLAMA_MATMUL + 12 * 4 * 256 * 512
 
 
-@pytest.mark.parametrize("cfg, matmul, flops", [(GPT2_124M, GPT2_MATMUL, GPT2_FLOPS),
-                                                (LLAMA_SMALL, LLAMA_MATMUL, LLAMA_FLOPS)])
+@pytest.mark.parametrize(
+    "cfg, matmul, flops", [(GPT2_124M, GPT2_MATMUL, GPT2_FLOPS), (LLAMA_SMALL, LLAMA_MATMUL, LLAMA_FLOPS)]
+)
 def test_flops_per_token_equals_the_hand_computed_formula(cfg, matmul, flops):
     assert matmul_params(cfg) == matmul
     assert flops_per_token(cfg) == flops
 
 
-@pytest.mark.parametrize("cfg", [
-    ModelConfig(arch="gpt2", n_layers=2, d_model=64, n_heads=4, seq_len=32, vocab_size=300),
-    ModelConfig(arch="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, seq_len=32, vocab_size=300,
-                tie_embeddings=False),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(arch="gpt2", n_layers=2, d_model=64, n_heads=4, seq_len=32, vocab_size=300),
+        ModelConfig(
+            arch="llama",
+            n_layers=2,
+            d_model=64,
+            n_heads=4,
+            n_kv_heads=2,
+            seq_len=32,
+            vocab_size=300,
+            tie_embeddings=False,
+        ),
+    ],
+)
 def test_counted_parameters_are_the_built_models(cfg):
     model = Transformer(cfg, seed=0)
     built = sum(p.numel() for p in model.parameters())

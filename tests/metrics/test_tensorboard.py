@@ -6,8 +6,7 @@ from tests.helpers import make_config, make_trainer
 
 
 def test_output_path_and_job_name(tmp_path):
-    cfg = make_config(tmp_path, tensorboard={"enabled": True, "output_path": str(tmp_path / "tb"),
-                                             "job_name": "job"})
+    cfg = make_config(tmp_path, tensorboard={"enabled": True, "output_path": str(tmp_path / "tb"), "job_name": "job"})
     make_trainer(cfg).fit()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -26,11 +26,27 @@ def test_init_statistics():
             assert torch.equal(p, torch.zeros_like(p)), name  # biases
 
 
-@pytest.mark.parametrize("arch, kv, tie, pos", [("gpt2", None, True, None), ("llama", 2, False, None),
-                                                 ("llama", None, True, "alibi"), ("gpt2", None, False, "rope")])
+@pytest.mark.parametrize(
+    "arch, kv, tie, pos",
+    [
+        ("gpt2", None, True, None),
+        ("llama", 2, False, None),
+        ("llama", None, True, "alibi"),
+        ("gpt2", None, False, "rope"),
+    ],
+)
 def test_parameter_count_formula(arch, kv, tie, pos):
-    cfg = ModelConfig(arch=arch, n_layers=3, d_model=64, n_heads=4, n_kv_heads=kv, seq_len=16, vocab_size=100,
-                      tie_embeddings=tie, position=pos)
+    cfg = ModelConfig(
+        arch=arch,
+        n_layers=3,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=kv,
+        seq_len=16,
+        vocab_size=100,
+        tie_embeddings=tie,
+        position=pos,
+    )
     model = Transformer(cfg, seed=0)
     assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]
 
@@ -48,8 +64,13 @@ def test_weight_decay_only_on_matrices():
     cfg = ModelConfig(arch="gpt2", n_layers=1, d_model=32, n_heads=4, seq_len=8, vocab_size=50, tie_embeddings=False)
     model = Transformer(cfg, seed=0)
     decay, no_decay = split_decay(list(model.named_parameters()))
-    assert sorted(n for n, _ in decay) == ["head.weight", "layers.0.attn.out.weight", "layers.0.attn.qkv.weight",
-                                          "layers.0.mlp.down.weight", "layers.0.mlp.up.weight"]
+    assert sorted(n for n, _ in decay) == [
+        "head.weight",
+        "layers.0.attn.out.weight",
+        "layers.0.attn.qkv.weight",
+        "layers.0.mlp.down.weight",
+        "layers.0.mlp.up.weight",
+    ]
     assert {"embed.weight", "pos_embed", "final_norm.weight", "layers.0.ln1.bias"} <= {n for n, _ in no_decay}
     decay2, _ = split_decay(list(model.named_parameters()), decay_embeddings=True)
     assert {"embed.weight", "pos_embed"} <= {n for n, _ in decay2}

@@ -26,8 +26,14 @@ def _run(steps: int, **kw) -> torch.Tensor:
 def test_bias_corrected_update_equals_torch_adamw():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(64))
-    opt = torch.optim.AdamW([p], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"],
-                            weight_decay=HP["weight_decay"], foreach=False)
+    opt = torch.optim.AdamW(
+        [p],
+        lr=HP["lr"],
+        betas=(HP["beta1"], HP["beta2"]),
+        eps=HP["eps"],
+        weight_decay=HP["weight_decay"],
+        foreach=False,
+    )
     for step in range(1, 6):
         p.grad = torch.sin(p.detach() * step)
         opt.step()

@@ -98,8 +98,7 @@ def test_overflow_skip_does_not_leak_into_the_next_step():
     model(x, True).backward()
     result = opt.step(lr=1e-2, loss_scale=1.0)
     assert not result.skipped
-    assert result.grad_norm == pytest.approx(math.sqrt(sum(g.square().sum().item() for g in want.values())),
-                                             rel=1e-6)
+    assert result.grad_norm == pytest.approx(math.sqrt(sum(g.square().sum().item() for g in want.values())), rel=1e-6)
 
 
 def test_gradients_are_in_the_buffer_when_backward_returns():

@@ -16,22 +16,31 @@ def run(seq: str, **kw) -> list[tuple[float, int]]:
     return out
 
 
-@pytest.mark.parametrize("seq, kw, expected", [
-    # hysteresis 2: the first overflow only spends hysteresis, the second halves the scale.
-    ("xx", dict(initial_scale_power=4, hysteresis=2), [(16, 1), (8, 1)]),
-    # hysteresis stays spent until the scale grows again (DeepSpeed does not refill it on clean steps).
-    ("x.x", dict(initial_scale_power=4, hysteresis=2, scale_window=100), [(16, 1), (16, 1), (8, 1)]),
-    # growth once scale_window clean steps follow the step after the last overflow; refills hysteresis.
-    ("x....", dict(initial_scale_power=4, hysteresis=2, scale_window=3),
-     [(16, 1), (16, 1), (16, 1), (16, 1), (32, 2)]),
-    ("....", dict(initial_scale_power=1, scale_window=2), [(2, 2), (2, 2), (4, 2), (4, 2)]),
-    # consecutive_hysteresis refills after every clean step: isolated overflows never halve the scale.
-    ("x.x.x", dict(initial_scale_power=4, hysteresis=2, consecutive_hysteresis=True, scale_window=100),
-     [(16, 1), (16, 2), (16, 1), (16, 2), (16, 1)]),
-    # hysteresis 1: every overflow halves, floored at min_scale.
-    ("xx", dict(initial_scale_power=3, hysteresis=1, min_scale=2.0), [(4, 1), (2, 1)]),
-    ("xx", dict(initial_scale_power=2, hysteresis=1, min_scale=3.0), [(3, 1), (3, 1)][:1]),
-])
+@pytest.mark.parametrize(
+    "seq, kw, expected",
+    [
+        # hysteresis 2: the first overflow only spends hysteresis, the second halves the scale.
+        ("xx", dict(initial_scale_power=4, hysteresis=2), [(16, 1), (8, 1)]),
+        # hysteresis stays spent until the scale grows again (DeepSpeed does not refill it on clean steps).
+        ("x.x", dict(initial_scale_power=4, hysteresis=2, scale_window=100), [(16, 1), (16, 1), (8, 1)]),
+        # growth once scale_window clean steps follow the step after the last overflow; refills hysteresis.
+        (
+            "x....",
+            dict(initial_scale_power=4, hysteresis=2, scale_window=3),
+            [(16, 1), (16, 1), (16, 1), (16, 1), (32, 2)],
+        ),
+        ("....", dict(initial_scale_power=1, scale_window=2), [(2, 2), (2, 2), (4, 2), (4, 2)]),
+        # consecutive_hysteresis refills after every clean step: isolated overflows never halve the scale.
+        (
+            "x.x.x",
+            dict(initial_scale_power=4, hysteresis=2, consecutive_hysteresis=True, scale_window=100),
+            [(16, 1), (16, 2), (16, 1), (16, 2), (16, 1)],
+        ),
+        # hysteresis 1: every overflow halves, floored at min_scale.
+        ("xx", dict(initial_scale_power=3, hysteresis=1, min_scale=2.0), [(4, 1), (2, 1)]),
+        ("xx", dict(initial_scale_power=2, hysteresis=1, min_scale=3.0), [(3, 1), (3, 1)][:1]),
+    ],
+)
 def test_scale_sequences(seq, kw, expected):
     assert run(seq[: len(expected)], **kw) == expected
 
@@ -44,10 +53,12 @@ def test_matches_deepspeed_on_random_sequences(seed):
     rng = random.Random(seed)
     ds.dist.get_rank = lambda *a, **k: 0  # DeepSpeed only logs with it
     window, hyst, consecutive = rng.choice([1, 2, 5]), rng.choice([1, 2, 3]), rng.random() < 0.5
-    ref = ds.DynamicLossScaler(init_scale=2.0**20, scale_window=window, min_scale=1, delayed_shift=hyst,
-                               consecutive_hysteresis=consecutive)
-    ours = DynamicLossScaler(initial_scale_power=20, scale_window=window, hysteresis=hyst,
-                             consecutive_hysteresis=consecutive, min_scale=1.0)
+    ref = ds.DynamicLossScaler(
+        init_scale=2.0**20, scale_window=window, min_scale=1, delayed_shift=hyst, consecutive_hysteresis=consecutive
+    )
+    ours = DynamicLossScaler(
+        initial_scale_power=20, scale_window=window, hysteresis=hyst, consecutive_hysteresis=consecutive, min_scale=1.0
+    )
     for _ in range(300):
         overflow = rng.random() < 0.3
         ref.update_scale(overflow)

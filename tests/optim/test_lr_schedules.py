@@ -9,10 +9,14 @@ from engine.optim.lr_schedules import LRSchedule
 CASES = [
     ("WarmupLR", dict(warmup_min_lr=1e-5, warmup_max_lr=1e-3, warmup_num_steps=10, warmup_type="log")),
     ("WarmupLR", dict(warmup_min_lr=0.0, warmup_num_steps=7, warmup_type="linear")),
-    ("WarmupDecayLR", dict(warmup_min_lr=0.0, warmup_max_lr=2e-3, warmup_num_steps=5, total_num_steps=30,
-                           warmup_type="linear")),
-    ("WarmupCosineLR", dict(warmup_num_steps=5, total_num_steps=40, warmup_min_ratio=0.1, cos_min_ratio=0.1,
-                            warmup_type="linear")),
+    (
+        "WarmupDecayLR",
+        dict(warmup_min_lr=0.0, warmup_max_lr=2e-3, warmup_num_steps=5, total_num_steps=30, warmup_type="linear"),
+    ),
+    (
+        "WarmupCosineLR",
+        dict(warmup_num_steps=5, total_num_steps=40, warmup_min_ratio=0.1, cos_min_ratio=0.1, warmup_type="linear"),
+    ),
     ("WarmupCosineLR", dict(warmup_num_steps=8, total_num_steps=25, warmup_type="log")),
 ]
 

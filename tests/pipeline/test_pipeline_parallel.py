@@ -20,10 +20,18 @@ def variant_config(tmp, v, *, pp, tp=1, steps=STEPS, **train):
     precision = {"bf16": {"enabled": True}} if v[5:] == ("bf16",) else {}
     schedule = "1f1b" if schedule == "zb-h1" else schedule  # zb-h1 is not a config value: the worker swaps it in
     return make_config(
-        tmp, parallel={"pipeline": pp, "tensor": tp, "pipeline_schedule": schedule, "virtual_stages": virtual,
-                       "sequence_parallel": sp},
+        tmp,
+        parallel={
+            "pipeline": pp,
+            "tensor": tp,
+            "pipeline_schedule": schedule,
+            "virtual_stages": virtual,
+            "sequence_parallel": sp,
+        },
         model={"arch": arch, "n_layers": layers, "tie_embeddings": arch == "gpt2"},
-        train={"max_steps": steps, "log_interval": 1, "progress": False, **train}, **precision)
+        train={"max_steps": steps, "log_interval": 1, "progress": False, **train},
+        **precision,
+    )
 
 
 def _pp_worker(rank, world, args):
@@ -51,9 +59,13 @@ def _pp_worker(rank, world, args):
         t.model.train()
         t.ctx.counter.reset()  # the evaluation's pp bytes are not the first step's
         t.fit()
-        out[v] = {"eval": evaluated, "losses": [r["loss"] for r in t.history],
-                  "pp_bytes": [r["comm_bytes"]["pp"] for r in t.history], "stage": t.ctx.pp_rank,
-                  "micro": t.batch.grad_accum}
+        out[v] = {
+            "eval": evaluated,
+            "losses": [r["loss"] for r in t.history],
+            "pp_bytes": [r["comm_bytes"]["pp"] for r in t.history],
+            "stage": t.ctx.pp_rank,
+            "micro": t.batch.grad_accum,
+        }
     if args.get("resume"):
         v, tmp = args["resume"], pathlib.Path(args["tmp"])  # one directory shared by all ranks
         ckpt = {"save_dir": str(tmp / "ckpt"), "save_interval": RESUME_AT}
@@ -68,8 +80,12 @@ def eval_batches(cfg, n):
     import torch
 
     gen = torch.Generator().manual_seed(1)
-    tokens = [torch.randint(0, cfg.model.vocab_size, (cfg.train_micro_batch_size_per_gpu, cfg.model.seq_len + 1),
-                            generator=gen) for _ in range(n)]
+    tokens = [
+        torch.randint(
+            0, cfg.model.vocab_size, (cfg.train_micro_batch_size_per_gpu, cfg.model.seq_len + 1), generator=gen
+        )
+        for _ in range(n)
+    ]
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
@@ -84,8 +100,9 @@ def reference_eval(cfg, n) -> float:
         return sum(float(model(x, y).double()) for x, y in eval_batches(cfg, n))
 
 
-def pp_bytes_per_step(*, stage: int, stages: int, virtual: int, microbatches: int, message_numel: int,
-                      element_size: int = 4) -> int:
+def pp_bytes_per_step(
+    *, stage: int, stages: int, virtual: int, microbatches: int, message_numel: int, element_size: int = 4
+) -> int:
     """Bytes one rank counts in the pp group per step (sends and receives both count, see
     engine/distributed/collectives.py). Each of the stage's v chunks exchanges, per micro-batch, two messages with
     the previous model chunk (its input activation in, the input's gradient out) unless it is model chunk 0,
@@ -115,15 +132,26 @@ def check_against_single_device(tmp_path, results, variants, *, pp, tp=1):
             for a, b in zip(got["losses"], ref):
                 assert abs(a - b) <= 1e-5 * abs(b), (v, r, got["losses"], ref)
             numel = (seq // tp if sp else seq) * micro * hidden
-            expected = pp_bytes_per_step(stage=got["stage"], stages=pp, virtual=virtual, microbatches=got["micro"],
-                                         message_numel=numel, element_size=2 if v[5:] == ("bf16",) else 4)
+            expected = pp_bytes_per_step(
+                stage=got["stage"],
+                stages=pp,
+                virtual=virtual,
+                microbatches=got["micro"],
+                message_numel=numel,
+                element_size=2 if v[5:] == ("bf16",) else 4,
+            )
             assert got["pp_bytes"] == [expected] * STEPS, (v, r)
     return refs
 
 
 VARIANTS = {  # (arch, schedule, virtual_stages, n_layers, sequence_parallel)
-    2: [("llama", "gpipe", 1, 4, False), ("gpt2", "1f1b", 1, 4, False), ("gpt2", "interleaved", 2, 4, False),
-        ("llama", "interleaved", 2, 4, False, "bf16"), ("llama", "zb-h1", 1, 4, False)],
+    2: [
+        ("llama", "gpipe", 1, 4, False),
+        ("gpt2", "1f1b", 1, 4, False),
+        ("gpt2", "interleaved", 2, 4, False),
+        ("llama", "interleaved", 2, 4, False, "bf16"),
+        ("llama", "zb-h1", 1, 4, False),
+    ],
     4: [("gpt2", "gpipe", 1, 4, False), ("llama", "1f1b", 1, 4, False), ("llama", "interleaved", 2, 8, False)],
 }
 
@@ -132,13 +160,23 @@ VARIANTS = {  # (arch, schedule, virtual_stages, n_layers, sequence_parallel)
 def test_pipeline_matches_single_device_and_resumes_exactly(tmp_path, pp):
     variants = VARIANTS[pp]
     resume = variants[2]  # interleaved: a ModuleList of chunks, tied or untied embeddings
-    results = run_ranks(_pp_worker, pp, timeout_s=900,
-                        args={"pp": pp, "tp": 1, "variants": variants, "resume": resume, "tmp": str(tmp_path),
-                              "blocking": variants[:1]})
+    results = run_ranks(
+        _pp_worker,
+        pp,
+        timeout_s=900,
+        args={
+            "pp": pp,
+            "tp": 1,
+            "variants": variants,
+            "resume": resume,
+            "tmp": str(tmp_path),
+            "blocking": variants[:1],
+        },
+    )
     refs = check_against_single_device(tmp_path, results, variants, pp=pp)
-    straight = refs[resume][RESUME_AT:RESUME_AT + RESUME_MORE]
+    straight = refs[resume][RESUME_AT : RESUME_AT + RESUME_MORE]
     for r, res in enumerate(results):
-        assert res["resumed"] == results[r][resume]["losses"][RESUME_AT:RESUME_AT + RESUME_MORE]
+        assert res["resumed"] == results[r][resume]["losses"][RESUME_AT : RESUME_AT + RESUME_MORE]
         assert len(res["resumed"]) == RESUME_MORE
     assert [abs(a - b) <= 1e-5 * abs(b) for a, b in zip(results[0]["resumed"], straight)] == [True] * RESUME_MORE
 
@@ -146,7 +184,8 @@ def test_pipeline_matches_single_device_and_resumes_exactly(tmp_path, pp):
 def test_3d_layout_matches_single_device(tmp_path):
     """dp=2 x tp=2 x pp=2 on 8 ranks: rank order tp fastest, then dp, then pp (stage = rank // 4)."""
     variants = [("gpt2", "1f1b", 1, 4, True), ("llama", "interleaved", 2, 4, False)]
-    results = run_ranks(_pp_worker, 8, timeout_s=900,
-                        args={"pp": 2, "tp": 2, "variants": variants, "blocking": variants[:1]})
+    results = run_ranks(
+        _pp_worker, 8, timeout_s=900, args={"pp": 2, "tp": 2, "variants": variants, "blocking": variants[:1]}
+    )
     assert [res[variants[0]]["stage"] for res in results] == [0, 0, 0, 0, 1, 1, 1, 1]
     check_against_single_device(tmp_path, results, variants, pp=2, tp=2)

@@ -31,9 +31,7 @@ def test_virtual_stages_place_chunk_k_on_device_k_mod_p() -> None:
 
 def test_parameter_balance_counts_embedding_and_head() -> None:
     # A heavy head (e.g. a big vocabulary) pushes layers off the last stage.
-    part = partition_layers(
-        8, stages=2, method="parameters", layer_params=[10] * 8, embedding_params=0, head_params=40
-    )
+    part = partition_layers(8, stages=2, method="parameters", layer_params=[10] * 8, embedding_params=0, head_params=40)
     assert part.sizes() == [6, 2]  # 60 vs 20 + 40
     uneven = partition_layers(5, stages=2, method="parameters", layer_params=[1, 1, 1, 1, 5])
     assert uneven.sizes() == [4, 1]

@@ -132,9 +132,7 @@ def test_interleaved_refuses_m_not_multiple_of_p() -> None:
 
 
 def test_virtual_stages_need_interleaved_and_unknown_names_are_refused() -> None:
-    with pytest.raises(
-        ConfigError, match=r"^parallel.virtual_stages=2 needs the interleaved schedule, not '1f1b'"
-    ):
+    with pytest.raises(ConfigError, match=r"^parallel.virtual_stages=2 needs the interleaved schedule, not '1f1b'"):
         build_all("1f1b", stages=2, microbatches=4, virtual_stages=2)
     with pytest.raises(ConfigError, match=r"^parallel.pipeline_schedule: unknown schedule 'zb'"):
         build_all("zb", stages=2, microbatches=4)
@@ -144,8 +142,13 @@ def test_overlapped_p2p_reaches_the_interleaved_formula_with_slower_backward() -
     """Waiting for an exchange only when its data is needed (the executor's default) never deadlocks where
     waiting at once does not, and removes the rendezvous stalls that the unit-time pairing causes with
     backward = 2 x forward: the interleaved bubble is (p-1)/(v*m) again (blocking: 3/8 for p=4, m=8, v=2)."""
-    blocking = simulate(build_all("interleaved", stages=4, microbatches=8, virtual_stages=2), virtual_stages=2,
-                        fwd_time=1, bwd_time=2, wait="post")
+    blocking = simulate(
+        build_all("interleaved", stages=4, microbatches=8, virtual_stages=2),
+        virtual_stages=2,
+        fwd_time=1,
+        bwd_time=2,
+        wait="post",
+    )
     assert blocking.bubble == Fraction(3, 8)
     for name, p, m, v in _layouts():
         if (name != "interleaved" and m % 4) or (name == "interleaved" and m > 16):

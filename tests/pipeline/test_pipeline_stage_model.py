@@ -22,13 +22,20 @@ def _stage_ctx(stage: int) -> RunContext:
     return RunContext(rank=stage, world_size=1, device=torch.device("cpu"), pp_rank=stage)
 
 
-@pytest.mark.parametrize(("arch", "pp", "virtual", "layers"), [("gpt2", 2, 1, 3), ("llama", 2, 2, 4),
-                                                               ("gpt2", 3, 2, 7)])
+@pytest.mark.parametrize(
+    ("arch", "pp", "virtual", "layers"), [("gpt2", 2, 1, 3), ("llama", 2, 2, 4), ("gpt2", 3, 2, 7)]
+)
 def test_stages_hold_the_single_device_weights(tmp_path, arch, pp, virtual, layers):
-    cfg = make_config(tmp_path, model={"arch": arch, "n_layers": layers, "tie_embeddings": arch == "gpt2"},
-                      parallel={"pipeline": pp, "virtual_stages": virtual,
-                                "pipeline_schedule": "interleaved" if virtual > 1 else "1f1b"},
-                      train_batch_size=2 * pp)
+    cfg = make_config(
+        tmp_path,
+        model={"arch": arch, "n_layers": layers, "tie_embeddings": arch == "gpt2"},
+        parallel={
+            "pipeline": pp,
+            "virtual_stages": virtual,
+            "pipeline_schedule": "interleaved" if virtual > 1 else "1f1b",
+        },
+        train_batch_size=2 * pp,
+    )
     full = dict(Transformer(cfg.model, seed=cfg.train.seed).named_parameters())
     seen: set[str] = set()
     chunk_layers = []
@@ -50,10 +57,17 @@ def test_stages_hold_the_single_device_weights(tmp_path, arch, pp, virtual, laye
 
 
 def test_interleaved_needs_microbatches_multiple_of_stages(tmp_path):
-    cfg = make_config(tmp_path, model={"n_layers": 8}, train_batch_size=6, train_micro_batch_size_per_gpu=1,
-                      parallel={"pipeline": 4, "virtual_stages": 2, "pipeline_schedule": "interleaved"})
-    expected = (r"^interleaved 1F1B needs the number of micro-batches \(gradient_accumulation_steps=6\) to be a "
-                r"multiple of parallel.pipeline=4")
+    cfg = make_config(
+        tmp_path,
+        model={"n_layers": 8},
+        train_batch_size=6,
+        train_micro_batch_size_per_gpu=1,
+        parallel={"pipeline": 4, "virtual_stages": 2, "pipeline_schedule": "interleaved"},
+    )
+    expected = (
+        r"^interleaved 1F1B needs the number of micro-batches \(gradient_accumulation_steps=6\) to be a "
+        r"multiple of parallel.pipeline=4"
+    )
     with pytest.raises(ConfigError, match=expected):
         check_pipeline_layout(cfg, dp=1)
     with pytest.raises(ConfigError, match=expected):
@@ -61,17 +75,25 @@ def test_interleaved_needs_microbatches_multiple_of_stages(tmp_path):
 
 
 def test_more_chunks_than_layers_is_refused_with_numbers(tmp_path):
-    with pytest.raises(ConfigError, match=r"parallel.pipeline: 4 stages x 2 virtual stages need at least that "
-                                          r"many layers, model.n_layers is 6"):
-        make_config(tmp_path, model={"n_layers": 6},
-                    parallel={"pipeline": 4, "virtual_stages": 2, "pipeline_schedule": "interleaved"})
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.pipeline: 4 stages x 2 virtual stages need at least that "
+        r"many layers, model.n_layers is 6",
+    ):
+        make_config(
+            tmp_path,
+            model={"n_layers": 6},
+            parallel={"pipeline": 4, "virtual_stages": 2, "pipeline_schedule": "interleaved"},
+        )
 
 
 @pytest.mark.parametrize(("p", "m", "v"), [(2, 3, 1), (4, 8, 1), (4, 8, 2), (3, 6, 3)])
 def test_forward_only_streams_run_every_forward_once(p, m, v):
     streams = build_forward_only(stages=p, microbatches=m, virtual_stages=v)
     result = simulate(streams, virtual_stages=v, fwd_time=1, forward_only=True)  # raises on deadlock/mismatch
-    assert all(sorted((sp.op.micro, sp.op.chunk) for sp in spans) == [(i, c) for i in range(m) for c in range(v)]
-               for spans in result.spans)
+    assert all(
+        sorted((sp.op.micro, sp.op.chunk) for sp in spans) == [(i, c) for i in range(m) for c in range(v)]
+        for spans in result.spans
+    )
     assert all(isinstance(sp.op, Forward) for spans in result.spans for sp in spans)
     assert result.makespan == m + Fraction(p - 1, v)  # the forward-only pipeline's fill, cut by v

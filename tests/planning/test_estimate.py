@@ -15,30 +15,36 @@ from engine.planning import activation_bytes_per_layer, zero_model_state_breakdo
 PSI = 1_000_000
 
 
-@pytest.mark.parametrize("stage, expected", [
-    (0, {"params": 2 * PSI, "grads": 4 * PSI, "optimizer": 12 * PSI}),
-    (1, {"params": 2 * PSI, "grads": 4 * PSI, "optimizer": 12 * PSI / 8}),
-    (2, {"params": 2 * PSI, "grads": 4 * PSI / 8, "optimizer": 12 * PSI / 8}),
-    (3, {"params": 2 * PSI / 8, "grads": 4 * PSI / 8, "optimizer": 12 * PSI / 8}),
-])
+@pytest.mark.parametrize(
+    "stage, expected",
+    [
+        (0, {"params": 2 * PSI, "grads": 4 * PSI, "optimizer": 12 * PSI}),
+        (1, {"params": 2 * PSI, "grads": 4 * PSI, "optimizer": 12 * PSI / 8}),
+        (2, {"params": 2 * PSI, "grads": 4 * PSI / 8, "optimizer": 12 * PSI / 8}),
+        (3, {"params": 2 * PSI / 8, "grads": 4 * PSI / 8, "optimizer": 12 * PSI / 8}),
+    ],
+)
 def test_zero_stages_shard_optimizer_then_gradients_then_parameters(stage, expected):
     assert zero_model_state_breakdown(PSI, stage, 8) == expected
     assert zero_model_state_bytes(PSI, stage, 8) == sum(expected.values())
 
 
 def test_fp32_stage0_parameters_are_the_masters():
-    assert zero_model_state_breakdown(PSI, 0, 1, param_bytes=4) == {"params": 4 * PSI, "grads": 4 * PSI,
-                                                                      "optimizer": 8 * PSI}
+    assert zero_model_state_breakdown(PSI, 0, 1, param_bytes=4) == {
+        "params": 4 * PSI,
+        "grads": 4 * PSI,
+        "optimizer": 8 * PSI,
+    }
 
 
 def test_activation_bytes_follow_korthikanti_table_2():
     s, b, h, a, t = 2048, 4, 4096, 32, 8
     sbh = s * b * h
     kw = dict(seq=s, micro_batch=b, hidden=h, heads=a, tp=t)
-    assert activation_bytes_per_layer(**kw, sequence_parallel=False, recompute="none") == \
-        sbh * (10 + 24 / t + 5 * a * s / (h * t))
-    assert activation_bytes_per_layer(**kw, sequence_parallel=True, recompute="none") == \
-        sbh * (34 + 5 * a * s / h) / t
+    assert activation_bytes_per_layer(**kw, sequence_parallel=False, recompute="none") == sbh * (
+        10 + 24 / t + 5 * a * s / (h * t)
+    )
+    assert activation_bytes_per_layer(**kw, sequence_parallel=True, recompute="none") == sbh * (34 + 5 * a * s / h) / t
     assert activation_bytes_per_layer(**kw, sequence_parallel=True, recompute="selective") == sbh * 34 / t
     assert activation_bytes_per_layer(**kw, sequence_parallel=False, recompute="full") == 2 * sbh
 

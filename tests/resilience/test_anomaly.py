@@ -7,8 +7,13 @@ from engine.resilience.anomaly import AnomalyDetector
 
 def feed(det, losses, **kw):
     for step, loss in enumerate(losses, 1):
-        trig = det.observe(step=step, loss=loss, grad_norm=kw.get("grad_norm", 1.0), skipped=kw.get("skipped", False),
-                           scale_at_floor=kw.get("at_floor", False))
+        trig = det.observe(
+            step=step,
+            loss=loss,
+            grad_norm=kw.get("grad_norm", 1.0),
+            skipped=kw.get("skipped", False),
+            scale_at_floor=kw.get("at_floor", False),
+        )
         if trig:
             return trig
     return None
@@ -23,8 +28,10 @@ def test_detector_rules():
     assert (trig.reason, trig.first_bad_step) == ("non-finite loss at step 2", 2)
     # fp16 overflow steps (non-finite grad norm) are normal with dynamic scaling, a NaN without it
     assert feed(AnomalyDetector(spike, overflow_is_normal=True), [3.0] * 3, grad_norm=float("inf")) is None
-    assert feed(AnomalyDetector(spike, overflow_is_normal=False), [3.0], grad_norm=float("inf")).reason == \
-        "non-finite gradient norm at step 1"
+    assert (
+        feed(AnomalyDetector(spike, overflow_is_normal=False), [3.0], grad_norm=float("inf")).reason
+        == "non-finite gradient norm at step 1"
+    )
     floor = RollbackConfig(enabled=True, scale_floor_steps=3)
     trig = feed(AnomalyDetector(floor, overflow_is_normal=True), [3.0] * 4, skipped=True, at_floor=True)
     assert trig.first_bad_step == 1 and "loss scale at its floor with overflows for 3 steps" in trig.reason

@@ -9,15 +9,20 @@ from tests.multiproc import run_ranks
 
 STEPS = 20
 VARIANTS = [  # (arch, sequence_parallel, vocab): llama uses GQA (4 heads, 2 KV heads) at tp=2
-    ("gpt2", False, 96), ("gpt2", True, 98), ("llama", False, 96), ("llama", True, 96),
+    ("gpt2", False, 96),
+    ("gpt2", True, 98),
+    ("llama", False, 96),
+    ("llama", True, 96),
 ]
 
 
 def variant_config(tmp, arch, sp, vocab, tp, *, kv=None, steps=STEPS):
     return make_config(
-        tmp, parallel={"tensor": tp, "sequence_parallel": sp},
+        tmp,
+        parallel={"tensor": tp, "sequence_parallel": sp},
         model={"arch": arch, "vocab_size": vocab, "n_kv_heads": kv},
-        train={"max_steps": steps, "log_interval": 1, "progress": False})
+        train={"max_steps": steps, "log_interval": 1, "progress": False},
+    )
 
 
 def _tp_worker(rank, world, args):
@@ -52,10 +57,13 @@ def _tp_worker(rank, world, args):
         trainer.optimizer.zero_grad()
         ctx.counter.reset()
         trainer.fit()
-        out[(arch, sp, vocab)] = {"loss0": loss.item(), "grads": grads if rank == 0 else None,
-                                  "losses": [r["loss"] for r in trainer.history],
-                                  "grad_norms": [r["grad_norm"] for r in trainer.history],
-                                  "tp_bytes": [r["comm_bytes"]["tp"] for r in trainer.history]}
+        out[(arch, sp, vocab)] = {
+            "loss0": loss.item(),
+            "grads": grads if rank == 0 else None,
+            "losses": [r["loss"] for r in trainer.history],
+            "grad_norms": [r["grad_norm"] for r in trainer.history],
+            "tp_bytes": [r["comm_bytes"]["tp"] for r in trainer.history],
+        }
     return out
 
 
@@ -107,12 +115,31 @@ def test_tensor_parallel_matches_single_device(tmp_path, tp):
         grads = results[0][key]["grads"]
         assert set(grads) == set(ref_grads)
         for name, ref in ref_grads.items():
-            torch.testing.assert_close(grads[name].view_as(ref), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()),
-                                       msg=lambda m, name=name, key=key: f"{key} {name}: {m}")
+            torch.testing.assert_close(
+                grads[name].view_as(ref),
+                ref,
+                rtol=1e-5,
+                atol=1e-5 * float(ref.abs().max()),
+                msg=lambda m, name=name, key=key: f"{key} {name}: {m}",
+            )
         cfg = variant_config(tmp_path, arch, sp, vocab, tp, kv=kv)
-        replicated = sum(ref.numel() for name, ref in ref_grads.items()
-                         if name.endswith(("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "final_norm.weight",
-                                           "final_norm.bias", "out.bias", "down.bias")) or name == "pos_embed")
+        replicated = sum(
+            ref.numel()
+            for name, ref in ref_grads.items()
+            if name.endswith(
+                (
+                    "ln1.weight",
+                    "ln1.bias",
+                    "ln2.weight",
+                    "ln2.bias",
+                    "final_norm.weight",
+                    "final_norm.bias",
+                    "out.bias",
+                    "down.bias",
+                )
+            )
+            or name == "pos_embed"
+        )
         expected = tp_bytes_per_step(cfg, tp_sequence_parallel=sp, micro=2, accum=4, replicated_numel=replicated)
         assert results[0][key]["tp_bytes"] == [expected] * STEPS, key
 
@@ -140,9 +167,12 @@ def _tp_resume_and_rng_worker(rank, world, args):
     train = {"max_steps": 6, "log_interval": 1, "progress": False, "save_interval": 3}
 
     def trainer(name, steps, resume=None):
-        cfg = make_config(tmp / f"{name}{rank}", parallel={"tensor": world, "sequence_parallel": True},
-                          model={"dropout": 0.1},
-                          train={**train, "max_steps": steps, "save_dir": str(tmp / name)})
+        cfg = make_config(
+            tmp / f"{name}{rank}",
+            parallel={"tensor": world, "sequence_parallel": True},
+            model={"dropout": 0.1},
+            train={**train, "max_steps": steps, "save_dir": str(tmp / name)},
+        )
         ctx, sync = build_context(cfg, rank=rank, world_size=world)
         return Trainer(cfg, ctx, log=RankLogger(rank, world), grad_sync=sync, resume=resume)
 
@@ -153,8 +183,9 @@ def _tp_resume_and_rng_worker(rank, world, args):
     resumed.fit()
     out["straight"] = [(r["loss"], r["grad_norm"]) for r in straight.history]
     out["resumed"] = [(r["loss"], r["grad_norm"]) for r in resumed.history]
-    out["params_equal"] = all(torch.equal(a, b) for a, b in zip(straight.model.parameters(),
-                                                                resumed.model.parameters()))
+    out["params_equal"] = all(
+        torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters())
+    )
     collectives.barrier(resumed.ctx.groups.world)
     return out
 

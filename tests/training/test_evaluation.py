@@ -12,10 +12,16 @@ from tests.helpers import make_config, make_trainer
 
 def test_eval_interval_and_eval_iters(tmp_path):
     write_random_shards(str(tmp_path / "web"), [40 + 7 * i for i in range(60)], vocab=96)
-    cfg = make_config(tmp_path, data={"datasets": [{"prefix": str(tmp_path / "web")}], "valid_fraction": 0.2,
-                                      "synthetic": False, "cache_dir": str(tmp_path / "cache")},
-                      train={"max_steps": 6, "log_interval": 1, "progress": False, "eval_interval": 2,
-                             "eval_iters": 3})
+    cfg = make_config(
+        tmp_path,
+        data={
+            "datasets": [{"prefix": str(tmp_path / "web")}],
+            "valid_fraction": 0.2,
+            "synthetic": False,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        train={"max_steps": 6, "log_interval": 1, "progress": False, "eval_interval": 2, "eval_iters": 3},
+    )
     trainer = make_trainer(cfg)
     calls = []
     forward_only = trainer.runner.forward_only

@@ -32,8 +32,12 @@ from engine.errors import CheckpointError, ConfigError, DataError
 from tests.helpers import BASE, make_config, make_trainer
 
 REPO = Path(__file__).resolve().parents[2]
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 # ---------------------------------------------------------------------- config
@@ -54,13 +58,21 @@ def _key_names(cls: type, out: set[str]) -> set[str]:
 
 
 KEYS = sorted(_key_names(TridentConfig, set()) | {"type", "params", "enabled", "stage", "auto", "x"})
-SCALARS = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-           | st.floats(allow_nan=True, allow_infinity=True)
-           | st.sampled_from(["auto", "AdamW", "gpt2", "llama", "cpu", "1f1b", "linear", "", "nan", "1e400"])
-           | st.text(max_size=8))
-JSON = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=4)
-                    | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), kids, max_size=5),
-                    max_leaves=25)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(["auto", "AdamW", "gpt2", "llama", "cpu", "1f1b", "linear", "", "nan", "1e400"])
+    | st.text(max_size=8)
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), kids, max_size=5)
+    ),
+    max_leaves=25,
+)
 PATHS = st.lists(st.sampled_from(KEYS), min_size=1, max_size=4).map(".".join)
 
 
@@ -93,10 +105,16 @@ def test_random_edits_of_a_valid_config_are_accepted_or_refused(edits):
 
 
 @FUZZ
-@given(overrides=st.lists(st.one_of(
-    st.builds(lambda p, v: f"{p}={json.dumps(v)}", PATHS, JSON),
-    st.builds(lambda p, t: f"{p}={t}", PATHS, st.text(max_size=10)),
-    st.text(max_size=20)), max_size=4))
+@given(
+    overrides=st.lists(
+        st.one_of(
+            st.builds(lambda p, v: f"{p}={json.dumps(v)}", PATHS, JSON),
+            st.builds(lambda p, t: f"{p}={t}", PATHS, st.text(max_size=10)),
+            st.text(max_size=20),
+        ),
+        max_size=4,
+    )
+)
 def test_random_set_overrides_are_accepted_or_refused(tmp_path, overrides):
     path = tmp_path / "base.json"
     path.write_text(json.dumps(BASE))
@@ -104,9 +122,12 @@ def test_random_set_overrides_are_accepted_or_refused(tmp_path, overrides):
 
 
 @FUZZ
-@given(data=st.binary(max_size=200) | st.builds(lambda t: t.encode(), st.text(max_size=60))
-       | JSON.map(lambda v: json.dumps(v).encode()),
-       overrides=st.lists(st.sampled_from(["train.max_steps=3", "model.d_model=64", "a.b=1"]), max_size=2))
+@given(
+    data=st.binary(max_size=200)
+    | st.builds(lambda t: t.encode(), st.text(max_size=60))
+    | JSON.map(lambda v: json.dumps(v).encode()),
+    overrides=st.lists(st.sampled_from(["train.max_steps=3", "model.d_model=64", "a.b=1"]), max_size=2),
+)
 def test_random_files_are_accepted_or_refused(tmp_path, data, overrides):
     path = tmp_path / "fuzz.json"
     path.write_bytes(data)
@@ -125,14 +146,21 @@ def test_deeply_nested_json_is_refused():
         path.unlink()
 
 
-@pytest.mark.parametrize("content, overrides, expected", [
-    (b"{\"model\": {\"d_model\": 32,}}", [], "invalid JSON at line 1"),
-    (b"\xff\xfe\x00garbage", [], "not UTF-8 text"),
-    (json.dumps({**BASE, "optimizer": {"type": "AdamW", "params": {"lrr": 1}}}).encode(), [],
-     "optimizer.params.lrr: unknown key (hint: did you mean 'lr'?)"),
-    (json.dumps(BASE).encode(), ["train.max_steps"], "--set train.max_steps: expected KEY=VALUE"),
-    (b"[1, 2]", ["train.max_steps=3"], "the top level must be a JSON object"),
-], ids=["bad-json", "not-utf8", "unknown-key", "bad-set", "list-top-level"])
+@pytest.mark.parametrize(
+    "content, overrides, expected",
+    [
+        (b'{"model": {"d_model": 32,}}', [], "invalid JSON at line 1"),
+        (b"\xff\xfe\x00garbage", [], "not UTF-8 text"),
+        (
+            json.dumps({**BASE, "optimizer": {"type": "AdamW", "params": {"lrr": 1}}}).encode(),
+            [],
+            "optimizer.params.lrr: unknown key (hint: did you mean 'lr'?)",
+        ),
+        (json.dumps(BASE).encode(), ["train.max_steps"], "--set train.max_steps: expected KEY=VALUE"),
+        (b"[1, 2]", ["train.max_steps=3"], "the top level must be a JSON object"),
+    ],
+    ids=["bad-json", "not-utf8", "unknown-key", "bad-set", "list-top-level"],
+)
 def test_cli_refusals_exit_2_with_one_line(tmp_path, content, overrides, expected):
     path = tmp_path / "bad.json"
     path.write_bytes(content)
@@ -191,7 +219,7 @@ def test_random_bytes_in_the_index_are_refused_or_read_consistently(tmp_path_fac
     lo, hi = REGIONS[region]
     at = data.draw(st.integers(lo, hi - 1), label="offset")
     junk = data.draw(st.binary(min_size=1, max_size=hi - at), label="bytes")
-    Path(f"{prefix}.idx").write_bytes(idx[:at] + junk + idx[at + len(junk):])
+    Path(f"{prefix}.idx").write_bytes(idx[:at] + junk + idx[at + len(junk) :])
     _open_consistently_or_refuse(prefix)
 
 
@@ -221,11 +249,10 @@ def test_crafted_lengths_and_pointers_that_keep_the_totals_are_refused_or_consis
     sizes = np.frombuffer(idx, dtype="<i4", count=n, offset=HEADER_BYTES).copy()
     pointers = np.frombuffer(idx, dtype="<i8", count=n, offset=HEADER_BYTES + 4 * n).copy()
     sizes[1], sizes[2] = -1, sizes[2] + sizes[1] + 1  # same sum
-    Path(f"{prefix}.idx").write_bytes(idx[:HEADER_BYTES] + sizes.tobytes() + idx[HEADER_BYTES + 4 * n:])
+    Path(f"{prefix}.idx").write_bytes(idx[:HEADER_BYTES] + sizes.tobytes() + idx[HEADER_BYTES + 4 * n :])
     _open_consistently_or_refuse(prefix)
     pointers[2] = 10_000  # far past the 30-byte .bin
-    Path(f"{prefix}.idx").write_bytes(idx[: HEADER_BYTES + 4 * n] + pointers.tobytes()
-                                      + idx[HEADER_BYTES + 12 * n:])
+    Path(f"{prefix}.idx").write_bytes(idx[: HEADER_BYTES + 4 * n] + pointers.tobytes() + idx[HEADER_BYTES + 12 * n :])
     _open_consistently_or_refuse(prefix)
 
 
@@ -235,8 +262,13 @@ def test_token_ids_beyond_the_vocabulary_fail_verify(tmp_path):
     verify_prefix(str(prefix), vocab_size=97)
     with pytest.raises(DataError, match=r"s\.bin: token id 96 >= vocab size 96 \(or negative\) at byte 8"):
         verify_prefix(str(prefix), vocab_size=96)
-    proc = subprocess.run([sys.executable, "-m", "engine.prepare", "--verify", str(prefix), "--vocab-size", "96"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.prepare", "--verify", str(prefix), "--vocab-size", "96"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {prefix}.bin: token id 96 >= vocab size 96"), lines
@@ -245,11 +277,14 @@ def test_token_ids_beyond_the_vocabulary_fail_verify(tmp_path):
 # ---------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("model, expected", [
-    ({"d_model": 48}, r"tensor \S+ has shape \(\d+, 48\) in this model|tensor \S+ has shape"),
-    ({"n_layers": 3}, r"checkpoint does not fit this model \(missing \S*2\S*\)"),
-    ({"vocab_size": 128}, r"tensor \S*emb\S* has shape"),
-])
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ({"d_model": 48}, r"tensor \S+ has shape \(\d+, 48\) in this model|tensor \S+ has shape"),
+        ({"n_layers": 3}, r"checkpoint does not fit this model \(missing \S*2\S*\)"),
+        ({"vocab_size": 128}, r"tensor \S*emb\S* has shape"),
+    ],
+)
 def test_checkpoint_of_another_model_is_refused_naming_the_tensor(tmp_path, model, expected):
     save = {"max_steps": 2, "save_dir": str(tmp_path / "ckpt"), "save_interval": 2}
     make_trainer(make_config(tmp_path, train={**BASE["train"], **save})).fit()

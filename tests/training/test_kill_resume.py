@@ -38,9 +38,18 @@ def _free_port() -> int:
 def _config(tmp, name, layout) -> str:
     raw = json.loads(json.dumps(BASE))
     raw.update(json.loads(json.dumps(LAYOUTS[layout])))
-    raw["train"] = {"max_steps": STEPS, "log_interval": 1, "progress": False, "device": "cpu",
-                    "log_dir": str(tmp / name / "logs"), "save_dir": str(tmp / name / "ckpt"),
-                    "save_interval": 1, "keep_last": 2, "resume": "auto", **LAYOUTS[layout].get("train", {})}
+    raw["train"] = {
+        "max_steps": STEPS,
+        "log_interval": 1,
+        "progress": False,
+        "device": "cpu",
+        "log_dir": str(tmp / name / "logs"),
+        "save_dir": str(tmp / name / "ckpt"),
+        "save_interval": 1,
+        "keep_last": 2,
+        "resume": "auto",
+        **LAYOUTS[layout].get("train", {}),
+    }
     raw["resilience"] = {"collective_timeout_s": 30}
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(raw))
@@ -48,12 +57,27 @@ def _config(tmp, name, layout) -> str:
 
 
 def _launch(config: str, restarts: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", str(restarts),
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "-m", "engine.train",
-           "--config", config]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        str(restarts),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{_free_port()}",
+        "-m",
+        "engine.train",
+        "--config",
+        config,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _steps_done(metrics: str) -> int:

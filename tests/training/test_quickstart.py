@@ -7,8 +7,7 @@ from engine.quickstart import main
 
 def test_quickstart_learns_and_reports(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["--out", str(out), "--steps", "24", "--max-files", "40", "--vocab-size", "512",
-                 "--workers", "1"]) == 0
+    assert main(["--out", str(out), "--steps", "24", "--max-files", "40", "--vocab-size", "512", "--workers", "1"]) == 0
     text = capsys.readouterr().out
     for needle in ("final train loss", "validation loss", "sample:", "loss plot", "metrics", "checkpoint"):
         assert needle in text

@@ -15,10 +15,19 @@ def test_rollback_needs_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("kind", ["spike", "nan"])
 def test_spike_and_nan_roll_back_lower_lr_and_skip_batches(tmp_path, kind):
-    cfg = make_config(tmp_path, train={"max_steps": 10, "log_interval": 1, "progress": False, "save_interval": 2,
-                                       "save_dir": str(tmp_path / "ckpt")},
-                      resilience={"rollback": {"enabled": True, "spike_factor": 3.0, "spike_window": 4,
-                                               "spike_patience": 2, "lr_factor": 0.5}})
+    cfg = make_config(
+        tmp_path,
+        train={
+            "max_steps": 10,
+            "log_interval": 1,
+            "progress": False,
+            "save_interval": 2,
+            "save_dir": str(tmp_path / "ckpt"),
+        },
+        resilience={
+            "rollback": {"enabled": True, "spike_factor": 3.0, "spike_window": 4, "spike_patience": 2, "lr_factor": 0.5}
+        },
+    )
     trainer = make_trainer(cfg)
     forward = trainer.model.forward
     bad_steps = {6, 7} if kind == "spike" else {6}
@@ -42,22 +51,48 @@ def test_spike_and_nan_roll_back_lower_lr_and_skip_batches(tmp_path, kind):
     assert trainer.loader.consumed_samples == (last_bad + 6) * 8  # the bad window's batches are skipped
     after = [e for e in events if "loss" in e and e["step"] > 4][-6:]
     assert all(e["lr"] <= 0.5 * 3e-3 for e in after)
-    resumed = make_trainer(make_config(tmp_path, **{**{"train": {"max_steps": 12, "log_interval": 1,
-                                                                 "progress": False, "save_interval": 2,
-                                                                 "save_dir": str(tmp_path / "ckpt")}},
-                                                   "resilience": {"rollback": {"enabled": True}}}), resume=True)
+    resumed = make_trainer(
+        make_config(
+            tmp_path,
+            **{
+                **{
+                    "train": {
+                        "max_steps": 12,
+                        "log_interval": 1,
+                        "progress": False,
+                        "save_interval": 2,
+                        "save_dir": str(tmp_path / "ckpt"),
+                    }
+                },
+                "resilience": {"rollback": {"enabled": True}},
+            },
+        ),
+        resume=True,
+    )
     assert resumed.guard.lr_scale == 0.5 and len(resumed.guard.interventions) == 1  # kept in checkpoints
 
 
 def test_max_rollbacks_gives_up_with_an_error(tmp_path):
-    cfg = make_config(tmp_path, train={"max_steps": 10, "log_interval": 1, "progress": False, "save_interval": 2,
-                                       "save_dir": str(tmp_path / "ckpt")},
-                      resilience={"rollback": {"enabled": True, "max_rollbacks": 1}})
+    cfg = make_config(
+        tmp_path,
+        train={
+            "max_steps": 10,
+            "log_interval": 1,
+            "progress": False,
+            "save_interval": 2,
+            "save_dir": str(tmp_path / "ckpt"),
+        },
+        resilience={"rollback": {"enabled": True, "max_rollbacks": 1}},
+    )
     trainer = make_trainer(cfg)
     forward = trainer.model.forward
-    trainer.model.forward = lambda ids, targets: forward(ids, targets) * (
-        float("nan") if trainer.step + 1 >= 6 else 1.0)  # every step from 6 on, also after the rollback
-    with pytest.raises(TridentError, match=r"resilience.rollback: non-finite loss at step 6; giving up after 1 "
-                                           r"rollbacks \(hint: inspect the data"):
+    trainer.model.forward = lambda ids, targets: (
+        forward(ids, targets) * (float("nan") if trainer.step + 1 >= 6 else 1.0)
+    )  # every step from 6 on, also after the rollback
+    with pytest.raises(
+        TridentError,
+        match=r"resilience.rollback: non-finite loss at step 6; giving up after 1 "
+        r"rollbacks \(hint: inspect the data",
+    ):
         trainer.fit()
     assert len(trainer.guard.interventions) == 1

@@ -68,10 +68,22 @@ def test_mixed_precision_tracks_fp32(tmp_path, precision):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_resume_is_bit_exact(tmp_path, arch):
-    common = dict(model={"arch": arch}, train={"max_steps": 6, "log_interval": 1, "progress": False,
-                                               "save_interval": 3, "save_dir": str(tmp_path / "ckpt")})
-    straight = make_trainer(make_config(tmp_path / "straight", **{**common, "train": {
-        **common["train"], "save_dir": str(tmp_path / "ckpt_straight")}}))
+    common = dict(
+        model={"arch": arch},
+        train={
+            "max_steps": 6,
+            "log_interval": 1,
+            "progress": False,
+            "save_interval": 3,
+            "save_dir": str(tmp_path / "ckpt"),
+        },
+    )
+    straight = make_trainer(
+        make_config(
+            tmp_path / "straight",
+            **{**common, "train": {**common["train"], "save_dir": str(tmp_path / "ckpt_straight")}},
+        )
+    )
     straight.fit()
     first = make_trainer(make_config(tmp_path / "first", **{**common, "train": {**common["train"], "max_steps": 3}}))
     first.fit()
@@ -98,8 +110,13 @@ def test_no_silent_fresh_start_and_no_checkpoint(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, capsys):
-    train = {"max_steps": 4, "log_interval": 1, "progress": False, "save_dir": str(tmp_path / "ckpt"),
-             "save_interval": 2}
+    train = {
+        "max_steps": 4,
+        "log_interval": 1,
+        "progress": False,
+        "save_dir": str(tmp_path / "ckpt"),
+        "save_interval": 2,
+    }
     make_trainer(make_config(tmp_path, train=train)).fit()
     shard = tmp_path / "ckpt" / "step_00000004" / "rank_00000.pt"
     data = bytearray(shard.read_bytes())

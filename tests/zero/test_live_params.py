@@ -16,8 +16,12 @@ def test_reuse_distance_counts_later_blocks_twice_and_the_head_once():
 
 
 def test_kept_blocks_are_the_suffix_reused_within_the_distance():
-    keep = lambda d, live=10**9, head=True: kept_blocks(NUMEL, computes_head=head, max_reuse_distance=d,  # noqa: E731
-                                                        max_live=live)
+    keep = lambda d, live=10**9, head=True: kept_blocks(
+        NUMEL,
+        computes_head=head,
+        max_reuse_distance=d,  # noqa: E731
+        max_live=live,
+    )
     assert keep(0) == set()  # DeepSpeed: distance < max, so 0 releases everything
     assert keep(100) == set() and keep(101) == {4}  # the last block's distance is the head's 100 elements
     assert keep(181) == {3, 4} and keep(10**9) == {1, 2, 3, 4}

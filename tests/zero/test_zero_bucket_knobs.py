@@ -26,8 +26,7 @@ BIG = 10**9
 
 
 def _config(stage: int, zero: dict):
-    return zero_config(pathlib.Path(tempfile.mkdtemp()), stage=stage, steps=STEPS, model=MODEL,
-                       zero_optimization=zero)
+    return zero_config(pathlib.Path(tempfile.mkdtemp()), stage=stage, steps=STEPS, model=MODEL, zero_optimization=zero)
 
 
 def _worker(rank, world, args):
@@ -42,11 +41,16 @@ def _worker(rank, world, args):
         trainer = Trainer(cfg, ctx, log=RankLogger(rank, world), grad_sync=sync)
         traffic = dp_step_traffic(trainer, ctx)
         g = trainer.optimizer.gatherer
-        out[name] = {"losses": [r["loss"] for r in trainer.history], "bytes": traffic["bytes"],
-                     "calls": traffic["calls"], "accum": trainer.batch.grad_accum,
-                     "shards": [b.shard_numel for b in trainer.optimizer.buckets],
-                     "units": [sum(b.padded_numel for b in u) for u in g.units] if g else [],
-                     "kept": sorted(g.kept) if g else [], "peak": g.peak_live_numel if g else 0}
+        out[name] = {
+            "losses": [r["loss"] for r in trainer.history],
+            "bytes": traffic["bytes"],
+            "calls": traffic["calls"],
+            "accum": trainer.batch.grad_accum,
+            "shards": [b.shard_numel for b in trainer.optimizer.buckets],
+            "units": [sum(b.padded_numel for b in u) for u in g.units] if g else [],
+            "kept": sorted(g.kept) if g else [],
+            "peak": g.peak_live_numel if g else 0,
+        }
     return out
 
 
@@ -59,8 +63,10 @@ def _variants(units: list[int]):
         ("keep_capped", 3, {"stage3_max_reuse_distance": BIG, "stage3_max_live_parameters": outer + 2 * block}),
         ("live_min", 3, {"stage3_max_live_parameters": 1}),
         ("live_two", 3, {"stage3_max_live_parameters": outer + 2 * block}),
-        ("s1", 1, {}), ("s1_pieces", 1, {"allgather_bucket_size": 1000}),
-        ("s2", 2, {}), ("s2_pieces", 2, {"allgather_bucket_size": 1000}),
+        ("s1", 1, {}),
+        ("s1_pieces", 1, {"allgather_bucket_size": 1000}),
+        ("s2", 2, {}),
+        ("s2_pieces", 2, {"allgather_bucket_size": 1000}),
     ]
 
 
@@ -84,12 +90,15 @@ def test_stage3_reuse_distance_live_cap_and_allgather_pieces(tmp_path):
         assert base["kept"] == []
         assert base["bytes"]["all_gather"] == 4 * accum * (2 * padded - outer)
         # ... just above the last block's distance keeps only it; a large distance keeps every block (2 Psi)
-        saved = {name: base["bytes"]["all_gather"] - res[name]["bytes"]["all_gather"]
-                 for name in ("keep_last", "keep_all", "keep_capped")}
+        saved = {
+            name: base["bytes"]["all_gather"] - res[name]["bytes"]["all_gather"]
+            for name in ("keep_last", "keep_all", "keep_capped")
+        }
         assert res["keep_last"]["kept"] == [4] and saved["keep_last"] == 4 * accum * blocks[-1]
         assert res["keep_all"]["kept"] == [1, 2, 3, 4] and saved["keep_all"] == 4 * accum * sum(blocks)
-        assert res["keep_all"]["bytes"]["all_gather"] == res["keep_all"]["bytes"]["reduce_scatter"] == 4 * accum \
-            * padded
+        assert (
+            res["keep_all"]["bytes"]["all_gather"] == res["keep_all"]["bytes"]["reduce_scatter"] == 4 * accum * padded
+        )
         # ... unless the live cap stops the kept suffix: outer + two blocks fit
         assert res["keep_capped"]["kept"] == [3, 4] and saved["keep_capped"] == 4 * accum * sum(blocks[-2:])
         assert res["keep_capped"]["peak"] <= outer + 2 * blocks[0]
@@ -106,8 +115,9 @@ def test_stage3_reuse_distance_live_cap_and_allgather_pieces(tmp_path):
             whole, pieces = res[stage], res[f"{stage}_pieces"]
             assert pieces["bytes"] == whole["bytes"], stage
             assert whole["calls"]["all_gather"] == len(whole["shards"])
-            assert pieces["calls"]["all_gather"] == sum(math.ceil(s / 500) for s in whole["shards"]) \
-                > len(whole["shards"])
+            assert (
+                pieces["calls"]["all_gather"] == sum(math.ceil(s / 500) for s in whole["shards"]) > len(whole["shards"])
+            )
 
 
 BLOCK = UNITS[1]  # elements of one block
@@ -125,14 +135,23 @@ def _one_bucket_worker(rank, world, args):
 
     out = {}
     for name, (stage, size) in ONE_BUCKET_VARIANTS.items():
-        cfg = zero_config(pathlib.Path(tempfile.mkdtemp()), stage=stage, model=MODEL, train_batch_size=16,
-                          zero_optimization={"reduce_bucket_size": size})  # 2 micro-batches per rank
+        cfg = zero_config(
+            pathlib.Path(tempfile.mkdtemp()),
+            stage=stage,
+            model=MODEL,
+            train_batch_size=16,
+            zero_optimization={"reduce_bucket_size": size},
+        )  # 2 micro-batches per rank
         ctx, sync = build_context(cfg, rank=rank, world_size=world)
         trainer = Trainer(cfg, ctx, log=RankLogger(rank, world), grad_sync=sync)
         traffic = dp_step_traffic(trainer, ctx)
-        out[name] = {"losses": [r["loss"] for r in trainer.history], "traffic": traffic,
-                     "accum": trainer.batch.grad_accum, "peak_staged": trainer.optimizer.reducer.peak_staged_numel,
-                     "padded": [b.padded_numel for b in trainer.optimizer.buckets]}
+        out[name] = {
+            "losses": [r["loss"] for r in trainer.history],
+            "traffic": traffic,
+            "accum": trainer.batch.grad_accum,
+            "peak_staged": trainer.optimizer.reducer.peak_staged_numel,
+            "padded": [b.padded_numel for b in trainer.optimizer.buckets],
+        }
     return out
 
 
@@ -152,8 +171,11 @@ def test_stage2_reduces_one_bucket_in_pieces_of_reduce_bucket_size(tmp_path):
             assert len(got["losses"]) == len(ref)
             assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got["losses"], ref)), (name, rank)
             padded, reductions = got["padded"][0], 1 if name == "s1" else got["accum"]
-            assert got["traffic"]["bytes"] == {"reduce_scatter": 4 * padded * reductions,
-                                               "all_gather": 4 * padded, "all_reduce": 12}, (name, rank)
+            assert got["traffic"]["bytes"] == {
+                "reduce_scatter": 4 * padded * reductions,
+                "all_gather": 4 * padded,
+                "all_reduce": 12,
+            }, (name, rank)
             assert got["traffic"]["calls"]["reduce_scatter"] == pieces[name] * reductions, (name, rank)
         # transient fp32 gradients: the whole model when it is one piece (twice: the first micro-batch's
         # reduction is still in flight when the second's backward fills the next); with block-sized pieces

@@ -21,8 +21,12 @@ def _worker(rank, world, args):
     out = {}
     for stage in (1, 2, 3):
         # fp16 with an overflow injected into rank 0's forward at some steps.
-        cfg = zero_config(pathlib.Path(tempfile.mkdtemp()), stage=stage, steps=5,
-                          fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1})
+        cfg = zero_config(
+            pathlib.Path(tempfile.mkdtemp()),
+            stage=stage,
+            steps=5,
+            fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1},
+        )
         ctx, sync = build_context(cfg, rank=rank, world_size=world)
         trainer = Trainer(cfg, ctx, log=RankLogger(rank, world), grad_sync=sync)
         forward = trainer.model.forward
@@ -34,8 +38,11 @@ def _worker(rank, world, args):
             trainer.train_step()
             trainer.model.forward = forward
             skipped.append(trainer.skipped - before)
-        out[("fp16", stage)] = {"skipped": skipped, "applied": trainer.optimizer.applied_steps,
-                                "scale": trainer.scaler.scale}
+        out[("fp16", stage)] = {
+            "skipped": skipped,
+            "applied": trainer.optimizer.applied_steps,
+            "scale": trainer.scaler.scale,
+        }
         # Resume: save at step 3 of 6, reload the step-3 checkpoint in a fresh trainer, finish.
         tmp = pathlib.Path(args["tmp"]) / f"stage{stage}"  # shared by the ranks: one checkpoint directory
         save = str(tmp / "ckpt")
@@ -44,8 +51,9 @@ def _worker(rank, world, args):
         ctx, sync = build_context(cfg, rank=rank, world_size=world)
         straight = Trainer(cfg, ctx, log=RankLogger(rank, world), grad_sync=sync)
         straight.fit()
-        cfg2 = zero_config(tmp / "b", stage=stage, steps=6, bf16={"enabled": True},
-                           train={"save_dir": str(tmp / "ckpt_b")})
+        cfg2 = zero_config(
+            tmp / "b", stage=stage, steps=6, bf16={"enabled": True}, train={"save_dir": str(tmp / "ckpt_b")}
+        )
         ctx, sync = build_context(cfg2, rank=rank, world_size=world)
         resumed = Trainer(cfg2, ctx, log=RankLogger(rank, world), grad_sync=sync)
         resumed.load(str(pathlib.Path(save) / "step_00000003"))
@@ -54,8 +62,10 @@ def _worker(rank, world, args):
         out[("resume", stage)] = {
             "straight": [(r["loss"], r["grad_norm"]) for r in straight.history[3:]],
             "resumed": [(r["loss"], r["grad_norm"]) for r in resumed.history],
-            "same_params": all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(),
-                                                                 resumed.model.state_dict().values())),
+            "same_params": all(
+                torch.equal(a, b)
+                for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values())
+            ),
             "model_shapes": {k: tuple(v.shape) for k, v in shard["model"].items()},
             "full_shapes": {k: tuple(v.shape) for k, v in straight.model.state_dict().items()},
             "opt_numel": sum(b["master"].numel() for b in shard["optimizer"]["buckets"]),

@@ -15,19 +15,27 @@ from tests.multiproc import run_ranks
 from tests.zero.zero_helpers import STEPS, zero_config
 
 # (stage, arch, schedule, virtual_stages, sequence_parallel); n_layers 4 so that pp=2 x v=2 fits
-VARIANTS_4 = [(1, "gpt2", "1f1b", 1, False), (2, "llama", "interleaved", 2, False),
-              (3, "gpt2", "interleaved", 2, False), (3, "llama", "zb-h1", 1, False)]
+VARIANTS_4 = [
+    (1, "gpt2", "1f1b", 1, False),
+    (2, "llama", "interleaved", 2, False),
+    (3, "gpt2", "interleaved", 2, False),
+    (3, "llama", "zb-h1", 1, False),
+]
 VARIANTS_8 = [(3, "gpt2", "1f1b", 1, True), (1, "llama", "interleaved", 2, False)]
 
 
 def pipeline_zero_config(tmp, v, *, pp: int, tp: int = 1, steps: int = STEPS, **sections):
     stage, arch, schedule, virtual, sp = v
     schedule = "1f1b" if schedule == "zb-h1" else schedule  # not a config value: the worker swaps it in
-    return zero_config(tmp, stage=stage, tp=tp, steps=steps,
-                       parallel={"pipeline": pp, "pipeline_schedule": schedule, "virtual_stages": virtual,
-                                 "sequence_parallel": sp},
-                       model={**BASE["model"], "arch": arch, "n_layers": 4, "tie_embeddings": arch == "gpt2"},
-                       **sections)
+    return zero_config(
+        tmp,
+        stage=stage,
+        tp=tp,
+        steps=steps,
+        parallel={"pipeline": pp, "pipeline_schedule": schedule, "virtual_stages": virtual, "sequence_parallel": sp},
+        model={**BASE["model"], "arch": arch, "n_layers": 4, "tie_embeddings": arch == "gpt2"},
+        **sections,
+    )
 
 
 def _worker(rank, world, args):

@@ -28,10 +28,12 @@ MODEL = {**BASE["model"], "n_layers": 4}
 OVERFLOW = {0: 2, 3: 4}  # rank -> the step whose gradient it poisons
 FP16_STEPS = 5
 BIG = 10**9
-DEFAULTS = [((3, "gpt2", "1f1b", 1, False), {"stage3_max_reuse_distance": BIG}),
-            ((3, "llama", "interleaved", 2, False), {"stage3_max_reuse_distance": BIG}),
-            ((2, "llama", "interleaved", 2, False), {"reduce_bucket_size": BIG}),
-            ((1, "gpt2", "1f1b", 1, False), {"reduce_bucket_size": BIG})]
+DEFAULTS = [
+    ((3, "gpt2", "1f1b", 1, False), {"stage3_max_reuse_distance": BIG}),
+    ((3, "llama", "interleaved", 2, False), {"stage3_max_reuse_distance": BIG}),
+    ((2, "llama", "interleaved", 2, False), {"reduce_bucket_size": BIG}),
+    ((1, "gpt2", "1f1b", 1, False), {"reduce_bucket_size": BIG}),
+]
 
 
 def _trainer(cfg, rank, world):
@@ -49,20 +51,36 @@ def _worker(rank, world, args):
     out = {}
     for stage in (1, 2, 3):
         # one micro-batch per step (2 per rank x dp 2 = 4 samples): the paper's per-step formula applies
-        cfg = zero_config(pathlib.Path(tempfile.mkdtemp()), stage=stage, steps=2, model=MODEL,
-                          parallel={"pipeline": 2}, train_batch_size=4)
+        cfg = zero_config(
+            pathlib.Path(tempfile.mkdtemp()),
+            stage=stage,
+            steps=2,
+            model=MODEL,
+            parallel={"pipeline": 2},
+            train_batch_size=4,
+        )
         trainer, ctx = _trainer(cfg, rank, world)
         traffic = dp_step_traffic(trainer, ctx)
         opt = trainer.optimizer
         out[("comm", stage)] = {
-            "traffic": traffic, "pp": trainer.history[0]["comm_bytes"], "accum": trainer.batch.grad_accum,
-            "state": opt.model_state_bytes(), "pp_stage": ctx.pp_rank,
+            "traffic": traffic,
+            "pp": trainer.history[0]["comm_bytes"],
+            "accum": trainer.batch.grad_accum,
+            "state": opt.model_state_bytes(),
+            "pp_stage": ctx.pp_rank,
             "psi": sum(shape.numel() for b in opt.buckets for shape in b.shapes),
             "padded": sum(b.padded_numel for b in opt.buckets),
-            "outer": sum(b.padded_numel for b in opt.buckets if b.unit == 0 and b.partitioned)}
+            "outer": sum(b.padded_numel for b in opt.buckets if b.unit == 0 and b.partitioned),
+        }
 
-        cfg = zero_config(pathlib.Path(tempfile.mkdtemp()), stage=stage, steps=FP16_STEPS, model=MODEL,
-                          parallel={"pipeline": 2}, fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1})
+        cfg = zero_config(
+            pathlib.Path(tempfile.mkdtemp()),
+            stage=stage,
+            steps=FP16_STEPS,
+            model=MODEL,
+            parallel={"pipeline": 2},
+            fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1},
+        )
         trainer, _ = _trainer(cfg, rank, world)
         poison = {"on": False}
         param = next(p for n, p in trainer.model.named_parameters() if "layers." in n)
@@ -73,18 +91,23 @@ def _worker(rank, world, args):
             before = trainer.skipped
             trainer.train_step()
             skipped.append(trainer.skipped - before)
-        out[("fp16", stage)] = {"skipped": skipped, "applied": trainer.optimizer.applied_steps,
-                                "scale": trainer.scaler.scale,
-                                "finite": all(bool(torch.isfinite(b.master).all()) for b in trainer.optimizer.buckets)}
+        out[("fp16", stage)] = {
+            "skipped": skipped,
+            "applied": trainer.optimizer.applied_steps,
+            "scale": trainer.scaler.scale,
+            "finite": all(bool(torch.isfinite(b.master).all()) for b in trainer.optimizer.buckets),
+        }
 
     for v, zero in DEFAULTS:
         cfg = pipeline_zero_config(pathlib.Path(tempfile.mkdtemp()), v, pp=2, zero_optimization=zero)
         trainer, _ = _trainer(cfg, rank, world)
         trainer.fit()
         opt = trainer.optimizer
-        out[("default", v)] = {"losses": [r["loss"] for r in trainer.history],
-                               "kept": sorted(opt.gatherer.kept) if opt.gatherer else [],
-                               "buckets": len(opt.buckets)}
+        out[("default", v)] = {
+            "losses": [r["loss"] for r in trainer.history],
+            "kept": sorted(opt.gatherer.kept) if opt.gatherer else [],
+            "buckets": len(opt.buckets),
+        }
     return out
 
 
@@ -108,8 +131,11 @@ def test_zero_with_pipeline_memory_comm_and_fp16_overflow(tmp_path):
             # through the pipeline's interleaved micro-batches); + the squared norm and the trainer's two
             # scalars (4 bytes each)
             gather = 4 * padded if stage < 3 else 4 * (2 * accum * (padded - outer) + outer)
-            assert got["traffic"]["bytes"] == {"reduce_scatter": 4 * padded * (1 if stage == 1 else accum),
-                                               "all_gather": gather, "all_reduce": 12}, (stage, rank)
+            assert got["traffic"]["bytes"] == {
+                "reduce_scatter": 4 * padded * (1 if stage == 1 else accum),
+                "all_gather": gather,
+                "all_reduce": 12,
+            }, (stage, rank)
             paper = (3 if stage == 3 else 2) * 4 * psi
             total = got["traffic"]["bytes"]["reduce_scatter"] + got["traffic"]["bytes"]["all_gather"]
             assert abs(total - paper) <= 0.05 * paper, (stage, rank, total, paper)

@@ -14,9 +14,14 @@ STAGES = (0, 1, 2, 3)
 def zero_config(tmp, *, stage: int, tp: int = 1, steps: int = STEPS, **sections):
     """Small buckets (several per model), and stage 3 releasing every block after each use
     (``stage3_max_reuse_distance`` 0): two all-gathers per block and micro-batch, the paper's 3 Psi."""
-    zero = {"stage": stage, "reduce_bucket_size": 4000, "overlap_comm": True,
-            "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 20000,
-            "stage3_max_reuse_distance": 0}
+    zero = {
+        "stage": stage,
+        "reduce_bucket_size": 4000,
+        "overlap_comm": True,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_prefetch_bucket_size": 20000,
+        "stage3_max_reuse_distance": 0,
+    }
     zero.update(sections.pop("zero_optimization", {}))
     train = {"max_steps": steps, "log_interval": 1, "progress": False, **sections.pop("train", {})}
     parallel = {"tensor": tp, **sections.pop("parallel", {})}
@@ -63,11 +68,14 @@ def train_worker(rank, world, args):
         ctx.counter.snapshot = snapshot
         detail = {op: n for (op, kind), n in captured.items() if kind == "dp"}
         trainer.fit()
-        out[stage] = {"losses": [first["loss"]] + [r["loss"] for r in trainer.history], "dp_bytes": detail,
-                      "state_bytes": trainer.optimizer.model_state_bytes(), "accum": trainer.batch.grad_accum,
-                      "psi": sum(p.numel() for g in getattr(trainer.optimizer, "groups", []) for _, p in g.named_params)
-                      or sum(b.numel for b in trainer.optimizer.buckets),
-                      "psi_padded": sum(b.padded_numel for b in getattr(trainer.optimizer, "buckets", [])),
-                      "psi_outer": sum(b.padded_numel for b in getattr(trainer.optimizer, "buckets", [])
-                                       if b.unit == 0)}
+        out[stage] = {
+            "losses": [first["loss"]] + [r["loss"] for r in trainer.history],
+            "dp_bytes": detail,
+            "state_bytes": trainer.optimizer.model_state_bytes(),
+            "accum": trainer.batch.grad_accum,
+            "psi": sum(p.numel() for g in getattr(trainer.optimizer, "groups", []) for _, p in g.named_params)
+            or sum(b.numel for b in trainer.optimizer.buckets),
+            "psi_padded": sum(b.padded_numel for b in getattr(trainer.optimizer, "buckets", [])),
+            "psi_outer": sum(b.padded_numel for b in getattr(trainer.optimizer, "buckets", []) if b.unit == 0),
+        }
     return out
